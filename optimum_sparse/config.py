@@ -1,0 +1,205 @@
+"""`SparsityConfig`: what to prune, how much, and with which method.
+
+A flat, JSON-serialisable dataclass in the spirit of `peft.LoraConfig`. Method-specific settings
+live beside the common ones so a single file (`sparsity_config.json`) describes a pruning run
+completely; each solver reads only the fields it documents. Validation happens on construction so
+that a typo fails before a model is loaded or a calibration pass is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "sparsity_config.json"
+FORMAT_VERSION = 1
+
+# Keys that `sparsity_config.json` may carry beside the config fields (written by the library).
+METADATA_KEYS = ("format_version", "library_version", "measured_sparsity", "layer_sparsity", "metrics")
+
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+DEFAULT_IGNORE = (r"(^|\.)lm_head$", r"embed", r"(^|\.)wte$", r"(^|\.)wpe$")
+
+
+def parse_nm(pattern: str) -> tuple[int, int]:
+    """Parse "N:M" (keep N of every M consecutive input weights) into (N, M), validating it."""
+    match = _NM_RE.match(pattern)
+    if not match:
+        raise ValueError(f"pattern must look like 'N:M' (e.g. '2:4'), got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if m < 1 or n < 1 or n >= m:
+        raise ValueError(
+            f"pattern {pattern!r}: N:M keeps N of every M weights and needs 1 <= N < M (e.g. '2:4', '4:8')"
+        )
+    return n, m
+
+
+@dataclass
+class SparsityConfig:
+    """Configuration of a pruning run.
+
+    Args:
+        method: registered solver name (see `optimum_sparse.available_methods()`).
+        sparsity: fraction of weights set to zero in every pruned layer, in [0, 1). Implied by
+            `pattern` when that is N:M.
+        pattern: None (unstructured) or "N:M" (keep N of every M consecutive input weights).
+        targets: regexes (``re.search`` on full module names); only matching linears inside the
+            decoder blocks are pruned. None prunes every linear in every block.
+        ignore: regexes of module names never pruned. lm_head and embeddings are always skipped.
+        mask_scope: "row" compares weights within each output row, "layer" across the whole layer.
+            None picks the method's default (magnitude: layer, wanda: row).
+        num_samples, seq_len, seed: calibration windows (count, tokens each, sampling seed).
+        dampening: fraction of mean(diag(H)) added to the Hessian diagonal (SparseGPT, ADMM).
+        block_size: column block width of SparseGPT's lazy updates.
+        sequential_update: calibrate each group of linears on the outputs of already-pruned
+            earlier sub-layers of the same block (more forward passes, better quality).
+        device: where blocks are processed ("auto": CUDA if present, else CPU).
+    """
+
+    method: str = "sparsegpt"
+    sparsity: float | None = None
+    pattern: str | None = None
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+    mask_scope: str | None = None
+    # calibration
+    num_samples: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+    # Hessian-based solvers
+    dampening: float = 0.01
+    block_size: int = 128
+    sequential_update: bool = False
+    device: str = "auto"
+    # ADMM (Boza 2024)
+    admm_iterations: int = 20
+    admm_rho: float = 0.1
+    gradual: bool = True
+    mask_init: str = "magnitude"
+    weight_update: str | None = None
+
+    def __post_init__(self) -> None:
+        from optimum_sparse.solvers import available_methods
+
+        methods = available_methods()
+        if self.method not in methods:
+            raise ValueError(f"method {self.method!r} is not registered; choose one of {sorted(methods)}")
+        if self.pattern is not None:
+            n, m = parse_nm(self.pattern)
+            implied = 1.0 - n / m
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"sparsity={self.sparsity} contradicts pattern {self.pattern!r} (which means sparsity "
+                    f"{implied:g}); give only one of them"
+                )
+            self.pattern = f"{n}:{m}"
+            self.sparsity = implied
+        if self.sparsity is None:
+            self.sparsity = 0.5
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise TypeError(f"sparsity must be a float in [0, 1), got {self.sparsity!r}")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1) (fraction of weights set to zero), got {self.sparsity}")
+        self.sparsity = float(self.sparsity)
+        if self.mask_scope not in (None, "row", "layer"):
+            raise ValueError(f"mask_scope must be None, 'row' or 'layer', got {self.mask_scope!r}")
+        for name in ("num_samples", "seq_len", "block_size", "admm_iterations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.nm is not None and self.block_size % self.nm[1] != 0:
+            raise ValueError(
+                f"block_size={self.block_size} must be a multiple of M={self.nm[1]} for pattern {self.pattern!r}"
+            )
+        if not self.dampening > 0:
+            raise ValueError(f"dampening must be > 0 (fraction of mean diag(H)), got {self.dampening}")
+        if not self.admm_rho > 0:
+            raise ValueError(f"admm_rho must be > 0, got {self.admm_rho}")
+        if self.mask_init not in ("magnitude", "wanda"):
+            raise ValueError(f"mask_init must be 'magnitude' or 'wanda', got {self.mask_init!r}")
+        if self.weight_update not in (None, "admm"):
+            raise ValueError(f"weight_update must be None or 'admm', got {self.weight_update!r}")
+        if self.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?|mps)$", self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for name in ("targets", "ignore"):
+            patterns = getattr(self, name)
+            if patterns is None:
+                continue
+            if isinstance(patterns, str):
+                patterns = [patterns]
+                setattr(self, name, patterns)
+            for regex in patterns:
+                try:
+                    re.compile(regex)
+                except re.error as err:
+                    raise ValueError(f"{name}: {regex!r} is not a valid regular expression ({err})") from err
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) when the pattern is N:M, else None."""
+        return parse_nm(self.pattern) if self.pattern else None
+
+    @property
+    def ignore_patterns(self) -> list[str]:
+        """User ignores plus the modules that are never pruned (lm_head, embeddings)."""
+        return list(DEFAULT_IGNORE) + list(self.ignore)
+
+    def describe(self) -> str:
+        """Short human form, e.g. "sparsegpt 2:4" or "wanda 50%"."""
+        amount = self.pattern if self.pattern else f"{self.sparsity:.0%}"
+        return f"{self.method} {amount}"
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SparsityConfig:
+        data = dict(data)
+        version = data.get("format_version", FORMAT_VERSION)
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise ValueError(
+                f"this sparsity config has format_version {version}, newer than this library supports "
+                f"({FORMAT_VERSION}); upgrade optimum-sparse"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - set(METADATA_KEYS))
+        if unknown:
+            logger.warning("ignoring unknown sparsity config keys %s (written by a newer version?)", unknown)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **metadata: Any) -> str:
+        """Write `sparsity_config.json` (plus optional metadata such as measured sparsity)."""
+        os.makedirs(save_directory, exist_ok=True)
+        payload = {**self.to_dict(), "format_version": FORMAT_VERSION, **metadata}
+        from optimum_sparse import __version__
+
+        payload.setdefault("library_version", __version__)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> SparsityConfig:
+        """Read `sparsity_config.json` from a local directory (or a path to the file itself)."""
+        path = os.fspath(directory)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}; save one with SparsityConfig.save_pretrained(dir)")
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))

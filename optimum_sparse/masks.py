@@ -1,0 +1,81 @@
+"""Turning importance scores into keep-masks, and packing masks into bits.
+
+Convention everywhere in the library: a mask is a bool tensor shaped like the weight in
+(out_features, in_features) layout, True where the weight is kept. Higher score = more important.
+N:M groups run along the input dimension (consecutive columns of a row), which is what sparse
+tensor cores (2:4) expect.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def num_pruned(numel: int, sparsity: float) -> int:
+    """How many of `numel` weights are zeroed at `sparsity` (rounded to nearest)."""
+    return int(round(numel * sparsity))
+
+
+def topk_mask(scores: torch.Tensor, sparsity: float, scope: str = "row") -> torch.Tensor:
+    """Keep the highest scores, zeroing exactly `sparsity` of them per row or per whole tensor."""
+    if scope not in ("row", "layer"):
+        raise ValueError(f"scope must be 'row' or 'layer', got {scope!r}")
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if scope == "layer" or scores.dim() == 1:
+        k = num_pruned(scores.numel(), sparsity)
+        if k:
+            idx = torch.topk(scores.flatten(), k, largest=False).indices
+            mask.view(-1)[idx] = False
+        return mask
+    k = num_pruned(scores.shape[-1], sparsity)
+    if k:
+        idx = torch.topk(scores, k, dim=-1, largest=False).indices
+        mask.scatter_(-1, idx, False)
+    return mask
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the `n` highest scores in every group of `m` consecutive columns."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M pattern {n}:{m} needs the input width ({cols}) to be divisible by {m}")
+    groups = scores.reshape(rows, cols // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, torch.topk(groups, n, dim=-1).indices, True)
+    return keep.reshape(rows, cols)
+
+
+def select_mask(
+    scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None, scope: str = "row"
+) -> torch.Tensor:
+    """N:M mask when `nm` is given, else a top-k mask at `sparsity` within `scope`."""
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    return topk_mask(scores, sparsity, scope)
+
+
+def is_valid_nm(mask: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of `m` consecutive columns keeps at most `n` entries."""
+    rows, cols = mask.shape
+    if cols % m:
+        return False
+    return bool((mask.reshape(rows, cols // m, m).sum(-1) <= n).all())
+
+
+def sparsity_of(tensor: torch.Tensor) -> float:
+    """Fraction of exact zeros."""
+    return float((tensor == 0).sum().item()) / max(tensor.numel(), 1)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a bool mask into uint8 (8 entries per byte, little bit order); shape is kept apart."""
+    bits = np.packbits(mask.detach().to("cpu", torch.bool).numpy().reshape(-1), bitorder="little")
+    return torch.from_numpy(bits)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of `pack_mask`."""
+    numel = int(np.prod(shape))
+    bits = np.unpackbits(packed.cpu().numpy(), count=numel, bitorder="little")
+    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))

@@ -1,0 +1,79 @@
+"""SparseGPT: one-shot pruning with OBS weight reconstruction (Frantar & Alistarh 2023, arXiv 2301.00774).
+
+Columns are processed left to right. When column j is pruned, the error it makes is spread over the
+not-yet-processed columns through the inverse Hessian's Cholesky factor, so the remaining weights
+compensate. The mask is chosen adaptively per block of `block_size` columns from the OBS saliency
+w^2 / [H^-1]_jj^2 (per N:M group for N:M), and updates are applied lazily block by block, which keeps
+the cost at one Cholesky factorisation plus O(rows * cols^2) work per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from optimum_sparse.masks import nm_mask, topk_mask
+from optimum_sparse.solvers import register_solver
+from optimum_sparse.solvers.base import LayerResult, LayerStatistics, Solver, dampened_hessian
+
+logger = logging.getLogger(__name__)
+
+
+def inverse_cholesky_upper(hessian: torch.Tensor, weight: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp)^-1, computed in float64.
+
+    If the factorisation fails (H ill-conditioned, e.g. too few calibration tokens), dampening is
+    raised tenfold and retried, with a log line, rather than letting NaNs into the weights.
+    """
+    damp = dampening
+    for _ in range(8):
+        h = dampened_hessian(hessian, weight, damp).double()
+        chol, info = torch.linalg.cholesky_ex(h)
+        if info == 0:
+            inverse = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper.float()
+        logger.warning("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
+        damp *= 10
+    raise RuntimeError("Cholesky factorisation failed even with heavy dampening; check the calibration data")
+
+
+@register_solver("sparsegpt")
+class SparseGPTSolver(Solver):
+    requires_hessian = True
+    default_scope = "layer"  # the mask is chosen over each whole column block, all rows together
+
+    def prune_layer(self, weight: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
+        assert stats is not None and stats.hessian is not None, "sparsegpt needs the input Hessian"
+        cfg = self.config
+        w = weight
+        rows, cols = w.shape
+        hinv = inverse_cholesky_upper(stats.hessian.to(w.device), w, cfg.dampening)
+        mask = torch.zeros_like(w, dtype=torch.bool)
+        nm = cfg.nm
+        for start in range(0, cols, cfg.block_size):
+            end = min(start + cfg.block_size, cols)
+            block = w[:, start:end].clone()
+            hblock = hinv[start:end, start:end]
+            diag = torch.diag(hblock)
+            errors = torch.zeros_like(block)
+            if nm is None:
+                saliency = block.pow(2) / diag.pow(2).unsqueeze(0)
+                mask[:, start:end] = topk_mask(saliency, cfg.sparsity, self.scope)
+            for i in range(end - start):
+                if nm is not None and i % nm[1] == 0:
+                    group = slice(i, i + nm[1])
+                    saliency = block[:, group].pow(2) / diag[group].pow(2).unsqueeze(0)
+                    mask[:, start + i : start + i + nm[1]] = nm_mask(saliency, *nm)
+                column = block[:, i]
+                pruned = torch.where(mask[:, start + i], column, torch.zeros_like(column))
+                error = (column - pruned) / diag[i]
+                block[:, i:].sub_(error.unsqueeze(1) * hblock[i, i:].unsqueeze(0))
+                block[:, i] = pruned
+                errors[:, i] = error
+            w[:, start:end] = block
+            w[:, end:].sub_(errors @ hinv[start:end, end:])
+        w.mul_(mask)
+        return LayerResult(w, mask)
