@@ -21,7 +21,7 @@ def topk_mask(scores: torch.Tensor, sparsity: float, scope: str = "row") -> torc
     """Keep the highest scores, zeroing exactly `sparsity` of them per row or per whole tensor."""
     if scope not in ("row", "layer"):
         raise ValueError(f"scope must be 'row' or 'layer', got {scope!r}")
-    mask = torch.ones_like(scores, dtype=torch.bool)
+    mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if scope == "layer" or scores.dim() == 1:
         k = num_pruned(scores.numel(), sparsity)
         if k:

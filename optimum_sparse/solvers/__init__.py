@@ -35,4 +35,11 @@ def get_solver_class(name: str) -> type[Solver]:
 # Built-in methods register themselves on import.
 from optimum_sparse.solvers import magnitude, sparsegpt, wanda  # noqa: E402,F401
 
-__all__ = ["LayerResult", "LayerStatistics", "Solver", "available_methods", "get_solver_class", "register_solver"]
+__all__ = [
+    "LayerResult",
+    "LayerStatistics",
+    "Solver",
+    "available_methods",
+    "get_solver_class",
+    "register_solver",
+]

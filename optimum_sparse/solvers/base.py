@@ -83,6 +83,12 @@ class Solver(ABC):
     def prune_layer(self, weight: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
         """Prune one layer. `weight` is a float32 (out, in) copy the solver may modify."""
 
+    def refit_layer(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
+        """Weight-update-only mode: keep `mask` fixed and refit the kept weights (if the method can)."""
+        raise NotImplementedError(
+            f"method {self.name!r} cannot refit weights on a fixed mask; use a weight-update method such as 'admm'"
+        )
+
 
 def dampened_hessian(hessian: torch.Tensor, weight: torch.Tensor, dampening: float) -> torch.Tensor:
     """H + damp * mean(diag H) * I, with dead inputs (zero diagonal) made harmless.
