@@ -82,6 +82,8 @@ class SparsityConfig:
     # ADMM (Boza 2024)
     admm_iterations: int = 20
     admm_rho: float = 0.1
+    admm_gradual_steps: int = 15
+    admm_cg_steps: int = 0
     gradual: bool = True
     mask_init: str = "magnitude"
     weight_update: str | None = None

@@ -82,6 +82,16 @@ class BlockInputs:
     args: tuple
     kwargs: dict
     hidden_in_kwargs: bool
+    #: (args, kwargs) each block received, as the model passed them (not moved); None: every block gets
+    #: `args`/`kwargs`. Models mixing layer types (Gemma 2/3: sliding-window and global layers) hand each
+    #: block its own attention mask and rotary tables.
+    per_block: list[tuple[tuple, dict]] | None = None
+
+    def use_block(self, index: int) -> None:
+        """Replay the extra arguments block `index` received in the model's own forward pass."""
+        if self.per_block is not None and index < len(self.per_block):
+            device = self.hidden[0].device
+            self.args, self.kwargs = _to(self.per_block[index][0], device), _to(self.per_block[index][1], device)
 
     def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if self.hidden_in_kwargs:
@@ -95,22 +105,32 @@ class BlockInputs:
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device
 ) -> BlockInputs:
-    """Run the model up to block 0 on each window and record what block 0 receives."""
+    """Run the model up to block 0 on each window and record what block 0 receives.
+
+    The first window runs through every block (one full forward pass) to record the extra arguments
+    each block is given, which differ per block in models that mix layer types.
+    """
     hidden: list[torch.Tensor] = []
     replay: dict[str, Any] = {}
+    per_block: dict[int, tuple[tuple, dict]] = {}
 
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict, index: int):
         if args:
             states, rest, in_kwargs = args[0], args[1:], False
         else:
             kwargs = dict(kwargs)
             states, rest, in_kwargs = kwargs.pop("hidden_states"), (), True
-        hidden.append(states.detach().to(device))
-        if not replay:
-            replay.update(args=_to(rest, device), kwargs=_to(kwargs, device), in_kwargs=in_kwargs)
-        raise _StopForward
+        if index == 0:
+            hidden.append(states.detach().to(device))
+            replay.setdefault("in_kwargs", in_kwargs)
+        per_block.setdefault(index, (rest, kwargs))
+        if len(per_block) == len(blocks) or len(hidden) > 1:
+            raise _StopForward
 
-    handle = blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handles = [
+        block.register_forward_pre_hook(lambda m, a, k, i=i: pre_hook(m, a, k, i), with_kwargs=True)
+        for i, block in enumerate(blocks)
+    ]
     input_device = model.get_input_embeddings().weight.device
     try:
         for row in windows:
@@ -119,18 +139,21 @@ def capture_block_inputs(
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if not hidden:
         raise RuntimeError("block 0 was never called; is this a decoder model with repeated blocks?")
-    return BlockInputs(hidden, replay["args"], replay["kwargs"], replay["in_kwargs"])
+    order = [per_block[i] for i in range(len(blocks))] if len(per_block) == len(blocks) else None
+    args, kwargs = per_block[0]
+    return BlockInputs(hidden, _to(args, device), _to(kwargs, device), replay["in_kwargs"], order)
 
 
 def _input_groups(block: nn.Module, layers: list[PrunableLayer], inputs: BlockInputs) -> list[list[PrunableLayer]]:
     """Split a block's target layers into groups that read the same input tensor, in call order."""
-    seen: list[tuple[PrunableLayer, int]] = []
+    # the inputs themselves are kept alive, so equal (address, shape, stride) means the same tensor
+    seen: list[tuple[PrunableLayer, torch.Tensor]] = []
     handles = [
-        layer.module.register_forward_hook(lambda m, i, o, layer=layer: seen.append((layer, i[0].data_ptr())))
-        for layer in layers
+        layer.module.register_forward_hook(lambda m, i, o, layer=layer: seen.append((layer, i[0]))) for layer in layers
     ]
     try:
         inputs.run(block, inputs.hidden[0][:1])
@@ -138,15 +161,16 @@ def _input_groups(block: nn.Module, layers: list[PrunableLayer], inputs: BlockIn
         for h in handles:
             h.remove()
     groups: list[list[PrunableLayer]] = []
-    last_ptr = None
-    for layer, ptr in seen:
+    last = None
+    for layer, tensor in seen:
         if any(layer is other for group in groups for other in group):
             continue
-        if groups and ptr == last_ptr:
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if groups and key == last:
             groups[-1].append(layer)
         else:
             groups.append([layer])
-        last_ptr = ptr
+        last = key
     missing = [layer for layer in layers if not any(layer is o for g in groups for o in g)]
     return groups + ([missing] if missing else [])
 
@@ -154,15 +178,18 @@ def _input_groups(block: nn.Module, layers: list[PrunableLayer], inputs: BlockIn
 @torch.no_grad()
 def _collect_statistics(
     block: nn.Module,
-    layers: list[PrunableLayer],
+    groups: list[list[PrunableLayer]],
     inputs: BlockInputs,
     with_hessian: bool,
     device: torch.device,
 ) -> dict[str, LayerStatistics]:
-    stats = {layer.name: LayerStatistics(layer.in_features, with_hessian, device) for layer in layers}
-    handles = [
-        layer.module.register_forward_hook(lambda m, i, o, s=stats[layer.name]: s.update(i[0])) for layer in layers
-    ]
+    """One `LayerStatistics` per input group (q/k/v share one), keyed by every layer name of the group."""
+    stats: dict[str, LayerStatistics] = {}
+    handles = []
+    for group in groups:
+        shared = LayerStatistics(group[0].in_features, with_hessian, device)
+        stats.update({layer.name: shared for layer in group})
+        handles.append(group[0].module.register_forward_hook(lambda m, i, o, s=shared: s.update(i[0])))
     try:
         for hidden in inputs.hidden:
             inputs.run(block, hidden)
@@ -271,13 +298,13 @@ def prune(
             block = blocks[index]
             home = next(block.parameters()).device
             block.to(device)
-            layers = per_block[index]
-            groups = _input_groups(block, layers, inputs) if config.sequential_update else [layers]
-            for group in groups:
-                if not group:
-                    continue
-                stats = _collect_statistics(block, group, inputs, with_hessian, device)
-                for layer in group:
+            inputs.use_block(index)
+            groups = [g for g in _input_groups(block, per_block[index], inputs) if g]
+            # sequential_update: calibrate each group after the groups before it are pruned
+            passes = [[group] for group in groups] if config.sequential_update else [groups]
+            for pass_groups in passes:
+                stats = _collect_statistics(block, pass_groups, inputs, with_hessian, device)
+                for layer in (layer for group in pass_groups for layer in group):
                     mask = fixed_masks.get(layer.name) if fixed_masks is not None else None
                     if fixed_masks is not None and mask is None:
                         continue

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from optimum_sparse.masks import nm_mask, topk_mask
+from optimum_sparse.masks import nm_mask, num_pruned, topk_mask
 from optimum_sparse.solvers import register_solver
 from optimum_sparse.solvers.base import LayerResult, LayerStatistics, Solver, dampened_hessian
 
@@ -61,7 +61,11 @@ class SparseGPTSolver(Solver):
             errors = torch.zeros_like(block)
             if nm is None:
                 saliency = block.pow(2) / diag.pow(2).unsqueeze(0)
-                mask[:, start:end] = topk_mask(saliency, cfg.sparsity, self.scope)
+                # per-block quota chosen so that the blocks add up to exactly round(numel * sparsity) per layer
+                # (or per row): rounding every block separately would drift by up to half a weight per block
+                width = rows if self.scope == "layer" else 1
+                quota = num_pruned(width * end, cfg.sparsity) - num_pruned(width * start, cfg.sparsity)
+                mask[:, start:end] = topk_mask(saliency, quota / (width * (end - start)), self.scope)
             for i in range(end - start):
                 if nm is not None and i % nm[1] == 0:
                     group = slice(i, i + nm[1])
