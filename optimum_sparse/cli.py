@@ -134,6 +134,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     output = getattr(args, "output", None)
+    if output and os.path.exists(output) and not os.path.isdir(output):
+        raise FileExistsError(f"--output {output!r} is a file, not a directory; choose another path")
     if output and os.path.exists(output) and os.listdir(output) and not args.overwrite:
         raise FileExistsError(f"--output {output!r} exists and is not empty; pass --overwrite or choose another path")
 

@@ -1,0 +1,215 @@
+"""`optimum-sparse prune | eval` end to end on a saved tiny Llama, and its error handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from optimum_sparse import cli
+from optimum_sparse.config import CONFIG_NAME, SparsityConfig
+from optimum_sparse.evaluation import sparsity_report
+
+RECORD_KEYS = {"model", "method", "sparsity", "measured_sparsity", "ppl_dense", "ppl", "prune_seconds", "peak_rss_mb"}
+
+
+def _prune_args(model: str, data: str, *extra: str) -> list[str]:
+    return [
+        "prune",
+        "--model",
+        model,
+        "--calibration-data",
+        data,
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def _eval_args(model: str, data: str, *extra: str) -> list[str]:
+    args = ["eval", "--model", model, "--eval-data", data, "--eval-seq-len", "64", "--eval-max-windows", "2"]
+    return args + ["--json", "--no-progress", *extra]
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _leftovers(parent) -> list[str]:
+    return [name for name in os.listdir(parent) if name.startswith(".tmp-optimum-sparse-")]
+
+
+def test_prune_then_eval_end_to_end(saved_llama, text_file, tmp_path, capsys):
+    output = tmp_path / "pruned"
+    args = [
+        "prune",
+        "--model",
+        saved_llama,
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--calibration-data",
+        text_file,
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--eval-data",
+        text_file,
+        "--eval-seq-len",
+        "64",
+        "--eval-max-windows",
+        "2",
+        "--output",
+        os.fspath(output),
+        "--json",
+        "--no-progress",
+    ]
+    assert cli.main(args) == 0
+    record = _last_json(capsys.readouterr().out)
+    assert RECORD_KEYS <= set(record)
+    assert record["model"] == saved_llama and record["method"] == "wanda" and record["sparsity"] == 0.5
+    assert record["measured_sparsity"] == pytest.approx(0.5)
+    assert record["ppl"] > 1 and record["ppl_dense"] > 1 and record["ppl"] != record["ppl_dense"]
+    assert record["prune_seconds"] > 0 and record["peak_rss_mb"] > 0
+    assert record["output"] == os.fspath(output)
+    assert _leftovers(tmp_path) == []
+
+    # the output is a plain transformers checkpoint with the measured sparsity, plus sparsity_config.json
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert sparsity_report(model)["total"] == pytest.approx(record["measured_sparsity"])
+    saved = SparsityConfig.from_pretrained(output)
+    assert saved.method == "wanda" and saved.sparsity == 0.5 and saved.num_samples == 4 and saved.seq_len == 32
+    with open(output / CONFIG_NAME, encoding="utf-8") as handle:
+        assert json.load(handle)["measured_sparsity"] == pytest.approx(0.5)
+
+    assert cli.main(_eval_args(os.fspath(output), text_file)) == 0
+    evaluated = _last_json(capsys.readouterr().out)
+    assert evaluated["ppl"] == pytest.approx(record["ppl"], rel=1e-5)  # same model, same windows
+    assert evaluated["measured_sparsity"] == pytest.approx(0.5)
+
+
+def test_prune_nm_from_a_config_file(saved_llama, text_file, tmp_path, capsys):
+    SparsityConfig(method="sparsegpt", ignore=[r"down_proj"], seed=7).save_pretrained(tmp_path / "cfg")
+    output = tmp_path / "out"
+    args = _prune_args(saved_llama, text_file, "--config", os.fspath(tmp_path / "cfg"), "--sparsity", "2:4")
+    assert cli.main(args + ["--output", os.fspath(output), "--json"]) == 0
+    record = _last_json(capsys.readouterr().out)
+    assert record["method"] == "sparsegpt" and record["sparsity"] == "2:4"
+    saved = SparsityConfig.from_pretrained(output)
+    assert saved.pattern == "2:4" and saved.ignore == [r"down_proj"] and saved.seed == 7
+    layers = json.loads((output / CONFIG_NAME).read_text())["layer_sparsity"]
+    assert layers and not any("down_proj" in name for name in layers)
+    assert all(value == pytest.approx(0.5) for value in layers.values())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sparsity", "1.0"], r"sparsity must be in [0, 1)"),
+        (["--sparsity", "-0.1"], r"sparsity must be in [0, 1)"),
+        (["--sparsity", "5:4"], "needs 1 <= N < M"),
+        (["--sparsity", "abc:4"], "pattern must look like 'N:M'"),
+        (["--method", "nope"], "method 'nope' is not registered"),
+        (["--targets", "no_such_layer"], "match no linear layer"),
+        (["--eval-seq-len", "0"], "--eval-seq-len must be a positive integer"),
+    ],
+)
+def test_bad_prune_arguments_exit_2_with_the_error_on_stderr(saved_llama, text_file, extra, message, capsys):
+    assert cli.main(_prune_args(saved_llama, text_file, *extra)) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("optimum-sparse prune: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in captured.err
+
+
+def test_unparseable_sparsity_is_an_argparse_error(saved_llama, text_file, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(_prune_args(saved_llama, text_file, "--sparsity", "half"))
+    assert exit_info.value.code == 2
+    assert "--sparsity takes a fraction such as 0.5 or a pattern such as 2:4, got 'half'" in capsys.readouterr().err
+
+
+def test_missing_files_are_reported_before_loading(saved_llama, text_file, tmp_path, capsys):
+    missing = os.fspath(tmp_path / "missing.txt")
+    assert cli.main(_prune_args(saved_llama, missing)) == 2
+    assert f"text file {missing!r} does not exist" in capsys.readouterr().err
+    assert cli.main(_eval_args(saved_llama, missing)) == 2
+    assert f"text file {missing!r} does not exist" in capsys.readouterr().err
+    assert cli.main(_eval_args(os.fspath(tmp_path / "no-model"), text_file)) == 2
+    assert "does not exist; pass a Hub id, a local directory or a .gguf file" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", saved_llama]) == 2
+    assert "eval needs --eval-data" in capsys.readouterr().err
+
+
+def test_failed_prune_leaves_no_output_directory(saved_llama, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("far too short for a window", encoding="utf-8")
+    output = tmp_path / "out"
+    assert cli.main(_prune_args(saved_llama, os.fspath(short), "--output", os.fspath(output))) == 2
+    assert "fewer than one window of seq_len=32" in capsys.readouterr().err
+    assert not output.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_failure_while_saving_leaves_no_partial_output(saved_llama, text_file, tmp_path, monkeypatch, capsys):
+    """The model files are already written when the failure happens: nothing may be left behind."""
+
+    def fail(self, directory, **metadata):
+        assert os.path.isfile(os.path.join(directory, "config.json"))  # after some work
+        raise ValueError("disk full (simulated)")
+
+    monkeypatch.setattr(SparsityConfig, "save_pretrained", fail)
+    output = tmp_path / "out"
+    args = _prune_args(saved_llama, text_file, "--method", "magnitude", "--output", os.fspath(output))
+    assert cli.main(args) == 2
+    assert "disk full (simulated)" in capsys.readouterr().err
+    assert not output.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_overwrite(saved_llama, text_file, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious", encoding="utf-8")
+    args = _prune_args(saved_llama, text_file, "--method", "magnitude", "--output", os.fspath(output))
+    assert cli.main(args) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (output / "keep.txt").read_text(encoding="utf-8") == "precious"
+    assert cli.main(args + ["--overwrite"]) == 0
+    assert not (output / "keep.txt").exists()
+    assert (output / CONFIG_NAME).is_file()
+    # an existing but empty directory is fine without --overwrite
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = _prune_args(saved_llama, text_file, "--method", "magnitude", "--output", os.fspath(empty))
+    assert cli.main(args) == 0
+    assert (empty / CONFIG_NAME).is_file()
+
+
+def test_output_that_is_a_file_is_refused(saved_llama, text_file, tmp_path, capsys):
+    output = tmp_path / "model.bin"
+    output.write_text("not a directory", encoding="utf-8")
+    args = _prune_args(saved_llama, text_file, "--method", "magnitude", "--output", os.fspath(output))
+    for extra in ([], ["--overwrite"]):
+        assert cli.main(args + extra) == 2
+        assert "is a file, not a directory; choose another path" in capsys.readouterr().err
+    assert output.read_text(encoding="utf-8") == "not a directory"
+
+
+def test_module_help_runs_in_a_subprocess():
+    done = subprocess.run(
+        [sys.executable, "-m", "optimum_sparse.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "prune" in done.stdout and "eval" in done.stdout
