@@ -226,9 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         record = run_prune(args) if args.command == "prune" else run_eval(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:  # bad input
         print(f"optimum-sparse {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (RuntimeError, FloatingPointError, NotImplementedError) as err:  # the run itself failed
+        logger.debug("failure", exc_info=True)
+        print(f"optimum-sparse {args.command}: failed: {err}", file=sys.stderr)
+        return 1
     record["total_seconds"] = time.perf_counter() - start
     for key, value in record.items():
         print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")

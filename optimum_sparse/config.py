@@ -117,10 +117,6 @@ class SparsityConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.nm is not None and self.block_size % self.nm[1] != 0:
-            raise ValueError(
-                f"block_size={self.block_size} must be a multiple of M={self.nm[1]} for pattern {self.pattern!r}"
-            )
         if not self.dampening > 0:
             raise ValueError(f"dampening must be > 0 (fraction of mean diag(H)), got {self.dampening}")
         if not self.admm_rho > 0:

@@ -53,8 +53,10 @@ class SparseGPTSolver(Solver):
         hinv = inverse_cholesky_upper(stats.hessian.to(w.device), w, cfg.dampening)
         mask = torch.zeros_like(w, dtype=torch.bool)
         nm = cfg.nm
-        for start in range(0, cols, cfg.block_size):
-            end = min(start + cfg.block_size, cols)
+        # N:M groups must not straddle two column blocks: round the block width down to a multiple of M
+        block_size = max(cfg.block_size - cfg.block_size % nm[1], nm[1]) if nm else cfg.block_size
+        for start in range(0, cols, block_size):
+            end = min(start + block_size, cols)
             block = w[:, start:end].clone()
             hblock = hinv[start:end, start:end]
             diag = torch.diag(hblock)
