@@ -9,9 +9,10 @@ import torch
 from conftest import SEQ_LEN, build_model
 
 from optimum_sparse.architecture import find_blocks, find_prunable_layers, get_weight
+from optimum_sparse.blocks import capture_block_inputs, input_groups
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.masks import is_valid_nm, num_pruned
-from optimum_sparse.sequential import _input_groups, capture_block_inputs, prune
+from optimum_sparse.sequential import prune
 
 
 def _config(method: str = "wanda", **kwargs) -> SparsityConfig:
@@ -108,7 +109,7 @@ def test_sequential_update_groups_layers_by_shared_input(windows):
     _, blocks = find_blocks(model)
     layers = find_prunable_layers(model, config)[0]
     inputs = capture_block_inputs(model, blocks, windows, torch.device("cpu"))
-    groups = [[layer.name.rsplit(".", 1)[-1] for layer in group] for group in _input_groups(blocks[0], layers, inputs)]
+    groups = [[layer.name.rsplit(".", 1)[-1] for layer in group] for group in input_groups(blocks[0], layers, inputs)]
     assert groups == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
 
 

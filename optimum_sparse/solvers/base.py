@@ -6,6 +6,10 @@ It returns the new weight (zeros outside the mask) and the keep-mask. The sequen
 everything else (finding layers, running calibration, writing weights back), so a new method is one
 file: subclass `Solver`, set the class flags, implement `prune_layer`, decorate with
 `@register_solver("name")`.
+
+Methods that prune several layers of a block jointly (SparseLLM) also define
+`prune_block(context: optimum_sparse.blocks.BlockContext) -> None`; the engine then hands them the
+whole block (its layers, calibration inputs, helpers to capture activations and write weights).
 """
 
 from __future__ import annotations

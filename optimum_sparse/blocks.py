@@ -1,0 +1,278 @@
+"""What one block sees during pruning, and the tools a solver uses on it.
+
+`BlockInputs` holds the calibration activations entering a block and the extra call arguments
+(attention mask, rotary tables, ...) recorded from the model's own forward pass. `BlockContext` is
+handed to block-level solvers (those defining `prune_block`, e.g. SparseLLM, which prunes an MLP's
+layers jointly): it runs the block, collects statistics, captures activations, prunes single layers
+with a per-layer solver and writes results back, recording masks in the run's `PruningResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from optimum_sparse.architecture import PrunableLayer, get_weight
+from optimum_sparse.solvers import LayerResult, LayerStatistics, Solver
+
+if TYPE_CHECKING:
+    from optimum_sparse.sequential import PruningResult
+
+logger = logging.getLogger(__name__)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """Move tensors nested in tuples/lists/dicts to `device` (caches and other objects are kept)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class _StopForward(Exception):
+    """Raised by the block-0 pre-hook once its inputs are recorded."""
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering a block, plus the extra call arguments to replay."""
+
+    hidden: list[torch.Tensor]
+    args: tuple
+    kwargs: dict
+    hidden_in_kwargs: bool
+    #: (args, kwargs) each block received, as the model passed them (not moved); None: every block gets
+    #: `args`/`kwargs`. Models mixing layer types (Gemma 2/3: sliding-window and global layers) hand each
+    #: block its own attention mask and rotary tables.
+    per_block: list[tuple[tuple, dict]] | None = None
+
+    def use_block(self, index: int) -> None:
+        """Replay the extra arguments block `index` received in the model's own forward pass."""
+        if self.per_block is not None and index < len(self.per_block):
+            device = self.hidden[0].device
+            self.args, self.kwargs = _to(self.per_block[index][0], device), _to(self.per_block[index][1], device)
+
+    def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.hidden_in_kwargs:
+            out = block(*self.args, hidden_states=hidden, **self.kwargs)
+        else:
+            out = block(hidden, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device
+) -> BlockInputs:
+    """Run the model up to block 0 on each window and record what block 0 receives.
+
+    The first window runs through every block (one full forward pass) to record the extra arguments
+    each block is given, which differ per block in models that mix layer types.
+    """
+    hidden: list[torch.Tensor] = []
+    replay: dict[str, Any] = {}
+    per_block: dict[int, tuple[tuple, dict]] = {}
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict, index: int):
+        if args:
+            states, rest, in_kwargs = args[0], args[1:], False
+        else:
+            kwargs = dict(kwargs)
+            states, rest, in_kwargs = kwargs.pop("hidden_states"), (), True
+        if index == 0:
+            hidden.append(states.detach().to(device))
+            replay.setdefault("in_kwargs", in_kwargs)
+        per_block.setdefault(index, (rest, kwargs))
+        if len(per_block) == len(blocks) or len(hidden) > 1:
+            raise _StopForward
+
+    handles = [
+        block.register_forward_pre_hook(lambda m, a, k, i=i: pre_hook(m, a, k, i), with_kwargs=True)
+        for i, block in enumerate(blocks)
+    ]
+    input_device = model.get_input_embeddings().weight.device
+    try:
+        for row in windows:
+            try:
+                model(input_ids=row.unsqueeze(0).to(input_device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not hidden:
+        raise RuntimeError("block 0 was never called; is this a decoder model with repeated blocks?")
+    order = [per_block[i] for i in range(len(blocks))] if len(per_block) == len(blocks) else None
+    args, kwargs = per_block[0]
+    return BlockInputs(hidden, _to(args, device), _to(kwargs, device), replay["in_kwargs"], order)
+
+
+def input_groups(block: nn.Module, layers: list[PrunableLayer], inputs: BlockInputs) -> list[list[PrunableLayer]]:
+    """Split a block's target layers into groups that read the same input tensor, in call order."""
+    # the inputs themselves are kept alive, so equal (address, shape, stride) means the same tensor
+    seen: list[tuple[PrunableLayer, torch.Tensor]] = []
+    handles = [
+        layer.module.register_forward_hook(lambda m, i, o, layer=layer: seen.append((layer, i[0]))) for layer in layers
+    ]
+    try:
+        inputs.run(block, inputs.hidden[0][:1])
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[PrunableLayer]] = []
+    last = None
+    for layer, tensor in seen:
+        if any(layer is other for group in groups for other in group):
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if groups and key == last:
+            groups[-1].append(layer)
+        else:
+            groups.append([layer])
+        last = key
+    missing = [layer for layer in layers if not any(layer is o for g in groups for o in g)]
+    return groups + ([missing] if missing else [])
+
+
+@torch.no_grad()
+def collect_statistics(
+    block: nn.Module,
+    groups: list[list[PrunableLayer]],
+    inputs: BlockInputs,
+    with_hessian: bool,
+    device: torch.device,
+) -> dict[str, LayerStatistics]:
+    """One `LayerStatistics` per input group (q/k/v share one), keyed by every layer name of the group."""
+    stats: dict[str, LayerStatistics] = {}
+    handles = []
+    for group in groups:
+        shared = LayerStatistics(group[0].in_features, with_hessian, device)
+        stats.update({layer.name: shared for layer in group})
+        handles.append(group[0].module.register_forward_hook(lambda m, i, o, s=shared: s.update(i[0])))
+    try:
+        for hidden in inputs.hidden:
+            inputs.run(block, hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _relative_error(original: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor | None) -> float | None:
+    if hessian is None:
+        return None
+    delta = original - new
+    num = torch.sum((delta @ hessian) * delta)
+    den = torch.sum((original @ hessian) * original).clamp_min(1e-30)
+    return float(num / den)
+
+
+@torch.no_grad()
+def prune_and_write(
+    layer: PrunableLayer,
+    stats: LayerStatistics | None,
+    solver: Solver,
+    refit: Solver | None,
+    fixed_mask: torch.Tensor | None,
+    device: torch.device,
+    result: PruningResult,
+) -> LayerResult:
+    weight = get_weight(layer.module)
+    # a real (contiguous) copy: the parameter is overwritten below and the error is measured against this
+    original = weight.detach().to(device, torch.float32).clone(memory_format=torch.contiguous_format)
+    if fixed_mask is not None:
+        outcome = (refit or solver).refit_layer(original.clone(), fixed_mask.to(device), stats)
+    else:
+        outcome = solver.prune_layer(original.clone(), stats)
+        if refit is not None:
+            outcome = refit.refit_layer(original.clone(), outcome.mask, stats)
+    _write(layer, original, outcome, stats, result, solver.name)
+    return outcome
+
+
+@torch.no_grad()
+def _write(
+    layer: PrunableLayer,
+    original: torch.Tensor,
+    outcome: LayerResult,
+    stats: LayerStatistics | None,
+    result: PruningResult,
+    who: str,
+) -> None:
+    """Copy the new weight into the model (its dtype/device) and record mask, sparsity and error."""
+    if not torch.isfinite(outcome.weight).all():
+        raise FloatingPointError(f"{who} produced non-finite weights for {layer.name}")
+    weight = get_weight(layer.module)
+    weight.copy_(outcome.weight.to(weight.device, weight.dtype))
+    mask = outcome.mask.to("cpu", torch.bool)
+    result.masks[layer.name] = mask
+    result.layer_sparsity[layer.name] = 1.0 - float(mask.sum()) / mask.numel()
+    error = _relative_error(original, outcome.weight.to(original.device), stats.hessian if stats is not None else None)
+    if error is not None:
+        result.layer_errors[layer.name] = error
+        logger.debug("%s: sparsity %.3f, relative error %.4g", layer.name, result.layer_sparsity[layer.name], error)
+
+
+@dataclass
+class BlockContext:
+    """One block being pruned: what a block-level solver (`Solver.prune_block`) works with."""
+
+    block: nn.Module
+    index: int
+    layers: list[PrunableLayer]
+    inputs: BlockInputs
+    device: torch.device
+    with_hessian: bool
+    result: PruningResult
+    refit: Solver | None = None
+
+    def groups(self, layers: list[PrunableLayer] | None = None) -> list[list[PrunableLayer]]:
+        """Layers grouped by shared input tensor (q/k/v; gate/up), in call order."""
+        return [g for g in input_groups(self.block, self.layers if layers is None else layers, self.inputs) if g]
+
+    def statistics(self, groups: list[list[PrunableLayer]]) -> dict[str, LayerStatistics]:
+        """One calibration pass of the block (current weights) accumulating statistics for `groups`."""
+        return collect_statistics(self.block, groups, self.inputs, self.with_hessian, self.device)
+
+    @torch.no_grad()
+    def capture(self, modules: dict[str, nn.Module], dtype: torch.dtype = torch.float32) -> dict[str, tuple]:
+        """Run the calibration windows through the block; return {name: (inputs, outputs)} of `modules`.
+
+        Each is a (tokens x features) tensor in `dtype` on the working device: the raw activations that
+        block-level solvers need beyond the Hessian. Memory: tokens x (in + out) per module.
+        """
+        seen: dict[str, tuple[list, list]] = {name: ([], []) for name in modules}
+        handles = []
+        for name, module in modules.items():
+
+            def hook(m, i, o, name=name):
+                out = o[0] if isinstance(o, (tuple, list)) else o
+                seen[name][0].append(i[0].detach().reshape(-1, i[0].shape[-1]).to(self.device, dtype))
+                seen[name][1].append(out.detach().reshape(-1, out.shape[-1]).to(self.device, dtype))
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            for hidden in self.inputs.hidden:
+                self.inputs.run(self.block, hidden)
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: (torch.cat(xs), torch.cat(ys)) for name, (xs, ys) in seen.items()}
+
+    def prune_layer(self, layer: PrunableLayer, stats: LayerStatistics | None, solver: Solver) -> LayerResult:
+        """Prune one layer with a per-layer `solver` (then the run's weight update, if any) and record it."""
+        return prune_and_write(layer, stats, solver, self.refit, None, self.device, self.result)
+
+    def write(self, layer: PrunableLayer, outcome: LayerResult, stats: LayerStatistics | None = None) -> None:
+        """Write weights a block-level solver computed itself, checking them and recording the mask."""
+        original = get_weight(layer.module).detach().to(self.device, torch.float32).clone()
+        _write(layer, original, outcome, stats, self.result, "block solver")
