@@ -62,6 +62,15 @@ class SparsityConfig:
         sequential_update: calibrate each group of linears on the outputs of already-pruned
             earlier sub-layers of the same block (more forward passes, better quality).
         device: where blocks are processed ("auto": CUDA if present, else CPU).
+        admm_iterations: ADMM iterations per layer (method "admm" and the ADMM refit), including
+            the gradual ones; each costs one (out x in) @ (in x in) product.
+        admm_rho: ADMM penalty, in units of the normalised Hessian's diagonal (which is 1).
+        admm_gradual_steps: iterations over which the mask grows to the target sparsity on a cubic
+            schedule when `gradual` (at most `admm_iterations`).
+        admm_cg_steps: conjugate-gradient steps on the final support after ADMM (0 turns it off).
+        gradual: ADMM re-chooses the mask while the sparsity grows (else it is chosen once).
+        mask_init: ADMM's first scores: "magnitude" (|W| after input normalisation) or "wanda".
+        weight_update: "admm" refits the kept weights after any method's mask selection.
     """
 
     method: str = "sparsegpt"
@@ -80,10 +89,10 @@ class SparsityConfig:
     sequential_update: bool = False
     device: str = "auto"
     # ADMM (Boza 2024)
-    admm_iterations: int = 20
-    admm_rho: float = 0.1
-    admm_gradual_steps: int = 15
-    admm_cg_steps: int = 0
+    admm_iterations: int = 6
+    admm_rho: float = 0.25
+    admm_gradual_steps: int = 4
+    admm_cg_steps: int = 2
     gradual: bool = True
     mask_init: str = "magnitude"
     weight_update: str | None = None
@@ -113,10 +122,19 @@ class SparsityConfig:
         self.sparsity = float(self.sparsity)
         if self.mask_scope not in (None, "row", "layer"):
             raise ValueError(f"mask_scope must be None, 'row' or 'layer', got {self.mask_scope!r}")
-        for name in ("num_samples", "seq_len", "block_size", "admm_iterations"):
+        for name in ("num_samples", "seq_len", "block_size", "admm_iterations", "admm_gradual_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        steps = self.admm_cg_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"admm_cg_steps must be a non-negative integer (0: no CG polish), got {steps!r}")
+        if self.gradual and self.admm_gradual_steps > self.admm_iterations:
+            raise ValueError(
+                f"admm_gradual_steps={self.admm_gradual_steps} exceeds "
+                f"admm_iterations={self.admm_iterations}: the mask must reach the target sparsity within "
+                "the ADMM iterations; lower one or raise the other"
+            )
         if not self.dampening > 0:
             raise ValueError(f"dampening must be > 0 (fraction of mean diag(H)), got {self.dampening}")
         if not self.admm_rho > 0:
