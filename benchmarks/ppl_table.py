@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-seq-len", type=int, default=1024)
     parser.add_argument("--eval-max-windows", type=int, default=40)
+    parser.add_argument("--skip-eval", action="store_true", help="time pruning only (no perplexity)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every prune run")
     args = parser.parse_args()
 
@@ -87,6 +88,9 @@ def main() -> None:
         "--seq-len",
         str(args.seq_len),
     ]
+    if args.skip_eval:
+        evaluation = []
+        args.no_dense = True
     results = []
     if not args.no_dense:
         record = run_cli(["eval", *model, *evaluation])
@@ -110,7 +114,8 @@ def main() -> None:
         seconds = r.get("prune_seconds", 0.0)
         rss = r.get("peak_rss_mb")
         rss_text = f"{rss:.0f}" if rss is not None else ""
-        print(f"| {r['row']} | {r['sparsity']} | {r['ppl']:.2f} | {seconds:.0f} | {rss_text} | {ref} |")
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
+        print(f"| {r['row']} | {r['sparsity']} | {ppl} | {seconds:.0f} | {rss_text} | {ref} |")
     print(json.dumps({"benchmark": "ppl_table", "results": results}))
 
 
