@@ -8,11 +8,36 @@ from optimum_sparse.solvers import available_methods, register_solver
 
 __version__ = "0.1.0"
 
+# imported on first use: they pull in transformers' Trainer utilities (and PEFT when installed)
+_LAZY = {
+    "SparseModel": "optimum_sparse.modeling",
+    "SparseFineTuneCallback": "optimum_sparse.callbacks",
+    "merge_and_mask": "optimum_sparse.peft_utils",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'optimum_sparse' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "PruningResult",
+    "SparseFineTuneCallback",
+    "SparseModel",
     "SparsityConfig",
     "__version__",
     "available_methods",
+    "merge_and_mask",
     "perplexity",
     "prune",
     "refit_weights",

@@ -243,30 +243,54 @@ class BlockContext:
         """One calibration pass of the block (current weights) accumulating statistics for `groups`."""
         return collect_statistics(self.block, groups, self.inputs, self.with_hessian, self.device)
 
+    @property
+    def num_tokens(self) -> int:
+        """Calibration tokens flowing through the block (all windows): the row count of `capture`'s tensors."""
+        return sum(h.numel() // h.shape[-1] for h in self.inputs.hidden)
+
     @torch.no_grad()
-    def capture(self, modules: dict[str, nn.Module], dtype: torch.dtype = torch.float32) -> dict[str, tuple]:
+    def capture(
+        self,
+        modules: dict[str, nn.Module],
+        dtype: torch.dtype = torch.float32,
+        *,
+        parts: dict[str, str] | None = None,
+        max_windows: int | None = None,
+    ) -> dict[str, tuple]:
         """Run the calibration windows through the block; return {name: (inputs, outputs)} of `modules`.
 
         Each is a (tokens x features) tensor in `dtype` on the working device: the raw activations that
         block-level solvers need beyond the Hessian. Memory: tokens x (in + out) per module.
+
+        `parts` ({name: "inputs" | "outputs" | "both"}, default "both") keeps only what is needed (the
+        other entry of the pair is None), which halves the memory of large captures. `max_windows`
+        runs only the first windows (cheap probes, e.g. checking how modules are wired).
         """
+        parts = parts or {}
+        for name in modules:
+            if parts.get(name, "both") not in ("inputs", "outputs", "both"):
+                raise ValueError(f"parts[{name!r}] must be 'inputs', 'outputs' or 'both', got {parts[name]!r}")
         seen: dict[str, tuple[list, list]] = {name: ([], []) for name in modules}
         handles = []
         for name, module in modules.items():
+            keep = parts.get(name, "both")
 
-            def hook(m, i, o, name=name):
-                out = o[0] if isinstance(o, (tuple, list)) else o
-                seen[name][0].append(i[0].detach().reshape(-1, i[0].shape[-1]).to(self.device, dtype))
-                seen[name][1].append(out.detach().reshape(-1, out.shape[-1]).to(self.device, dtype))
+            def hook(m, i, o, name=name, keep=keep):
+                if keep != "outputs":
+                    seen[name][0].append(i[0].detach().reshape(-1, i[0].shape[-1]).to(self.device, dtype))
+                if keep != "inputs":
+                    out = o[0] if isinstance(o, (tuple, list)) else o
+                    seen[name][1].append(out.detach().reshape(-1, out.shape[-1]).to(self.device, dtype))
 
             handles.append(module.register_forward_hook(hook))
+        windows = self.inputs.hidden if max_windows is None else self.inputs.hidden[:max_windows]
         try:
-            for hidden in self.inputs.hidden:
+            for hidden in windows:
                 self.inputs.run(self.block, hidden)
         finally:
             for h in handles:
                 h.remove()
-        return {name: (torch.cat(xs), torch.cat(ys)) for name, (xs, ys) in seen.items()}
+        return {name: tuple(torch.cat(t) if t else None for t in pair) for name, pair in seen.items()}
 
     def prune_layer(self, layer: PrunableLayer, stats: LayerStatistics | None, solver: Solver) -> LayerResult:
         """Prune one layer with a per-layer `solver` (then the run's weight update, if any) and record it."""

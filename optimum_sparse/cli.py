@@ -11,9 +11,7 @@ import json
 import logging
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -87,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--output", default=None, help="directory to save the pruned model to")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
     prune.add_argument(
+        "--compact",
+        action="store_true",
+        help="save pruned weights as kept values + bitmasks (smaller; only SparseModel.from_pretrained reads it)",
+    )
+    prune.add_argument(
         "--skip-dense-eval", action="store_true", help="with --eval-data, evaluate only the pruned model"
     )
     _add_eval_args(prune)
@@ -141,21 +144,6 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise FileExistsError(f"--output {output!r} exists and is not empty; pass --overwrite or choose another path")
 
 
-def _save_atomically(output: str, write) -> None:
-    """Write into a temporary sibling directory, then rename it over `output`."""
-    parent = os.path.dirname(os.path.abspath(output)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-optimum-sparse-", dir=parent)
-    try:
-        write(tmp)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     from optimum_sparse.evaluation import format_sparsity_report, perplexity, sparsity_report
     from optimum_sparse.loading import load_model_and_tokenizer
@@ -190,14 +178,22 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         record["ppl"] = evaluate()
         logger.info("pruned perplexity: %.3f", record["ppl"])
     if args.output:
+        from optimum_sparse.modeling import SparseModel, _describe_calibration
 
-        def write(directory: str) -> None:
-            model.save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
-            config.save_pretrained(directory, measured_sparsity=result.sparsity, layer_sparsity=result.layer_sparsity)
-
-        _save_atomically(args.output, write)
+        sparse = SparseModel(model, masks=result.masks, config=config)
+        sparse.base_model_id = args.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
+        sparse.calibration = _describe_calibration(args.calibration_data, config)
+        if "ppl" in record:
+            sparse.metrics = {"perplexity": record["ppl"]}
+            if "ppl_dense" in record:
+                sparse.metrics["perplexity_dense"] = record["ppl_dense"]
+            sparse.metrics.update(
+                eval_data=args.eval_data, eval_seq_len=args.eval_seq_len, eval_max_windows=args.eval_max_windows
+            )
+        # written next to --output and renamed into place: a failure leaves no partial directory
+        info = sparse.save_pretrained(args.output, compact=args.compact, tokenizer=tokenizer, overwrite=True)
         record["output"] = args.output
+        record["checkpoint_mb"] = info.total_bytes / 2**20
         logger.info("saved to %s", args.output)
     if args.report:
         print(format_sparsity_report(sparsity_report(model)))

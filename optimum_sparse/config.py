@@ -22,9 +22,21 @@ CONFIG_NAME = "sparsity_config.json"
 FORMAT_VERSION = 1
 
 # Keys that `sparsity_config.json` may carry beside the config fields (written by the library).
-METADATA_KEYS = ("format_version", "library_version", "measured_sparsity", "layer_sparsity", "metrics")
+METADATA_KEYS = (
+    "format_version",
+    "library_version",
+    "measured_sparsity",
+    "layer_sparsity",
+    "metrics",
+    "checkpoint",  # saved by SparseModel: {"format": "dense" | "compact", "masks_file": ..., "weights_file": ...}
+    "base_model",
+    "calibration",
+)
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+#: per-layer solvers SparseLLM may use for the attention projections and inside its MLP updates
+INNER_SOLVERS = ("admm", "sparsegpt")
 
 DEFAULT_IGNORE = (r"(^|\.)lm_head$", r"embed", r"(^|\.)wte$", r"(^|\.)wpe$")
 
@@ -71,6 +83,14 @@ class SparsityConfig:
         gradual: ADMM re-chooses the mask while the sparsity grows (else it is chosen once).
         mask_init: ADMM's first scores: "magnitude" (|W| after input normalisation) or "wanda".
         weight_update: "admm" refits the kept weights after any method's mask selection.
+        sparsellm_iterations: alternating rounds of SparseLLM's joint MLP pruning (Bai et al. 2024).
+        alpha, beta, gamma: weights of SparseLLM's objective terms alpha ||W1 X - z||^2 (first
+            layer), gamma ||p - act(z)||^2 (activation) and beta ||W2 p - Y||^2 (output), each term
+            measured relative to the mean square of its dense value (see docs/sparsellm.md).
+        inner_solver: per-layer solver SparseLLM uses for attention and inside its MLP updates,
+            "admm" (default) or "sparsegpt".
+        sparsellm_max_memory_gb: SparseLLM refuses, before allocating, a block whose auxiliary
+            variables (calibration tokens x MLP width) would need more GiB than this.
     """
 
     method: str = "sparsegpt"
@@ -89,13 +109,20 @@ class SparsityConfig:
     sequential_update: bool = False
     device: str = "auto"
     # ADMM (Boza 2024)
-    admm_iterations: int = 6
+    admm_iterations: int = 20
     admm_rho: float = 0.25
-    admm_gradual_steps: int = 4
+    admm_gradual_steps: int = 15
     admm_cg_steps: int = 2
     gradual: bool = True
     mask_init: str = "magnitude"
     weight_update: str | None = None
+    # SparseLLM (Bai et al. 2024)
+    sparsellm_iterations: int = 4
+    alpha: float = 1.0
+    beta: float = 100.0
+    gamma: float = 10.0
+    inner_solver: str = "admm"
+    sparsellm_max_memory_gb: float = 16.0
 
     def __post_init__(self) -> None:
         from optimum_sparse.solvers import available_methods
@@ -143,6 +170,20 @@ class SparsityConfig:
             raise ValueError(f"mask_init must be 'magnitude' or 'wanda', got {self.mask_init!r}")
         if self.weight_update not in (None, "admm"):
             raise ValueError(f"weight_update must be None or 'admm', got {self.weight_update!r}")
+        iterations = self.sparsellm_iterations
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"sparsellm_iterations must be a positive integer, got {iterations!r}")
+        for name in ("alpha", "beta", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} (a SparseLLM objective weight) must be a finite number > 0, got {value!r}")
+            setattr(self, name, float(value))
+        if self.inner_solver not in INNER_SOLVERS:
+            raise ValueError(f"inner_solver must be one of {list(INNER_SOLVERS)}, got {self.inner_solver!r}")
+        limit = self.sparsellm_max_memory_gb
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < float("inf"):
+            raise ValueError(f"sparsellm_max_memory_gb must be a finite number of GiB > 0, got {limit!r}")
+        self.sparsellm_max_memory_gb = float(limit)
         if self.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?|mps)$", self.device):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         for name in ("targets", "ignore"):
