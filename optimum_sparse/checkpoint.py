@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -208,14 +209,25 @@ def directory_bytes(directory: str | os.PathLike, names: list[str] | None = None
     """Total size of the files in a directory (or of the given names in it)."""
     directory = os.fspath(directory)
     names = names if names is not None else os.listdir(directory)
-    return sum(
-        os.path.getsize(os.path.join(directory, n)) for n in names if os.path.isfile(os.path.join(directory, n))
-    )
+    return sum(os.path.getsize(os.path.join(directory, n)) for n in names if os.path.isfile(os.path.join(directory, n)))
 
 
-def save_directory_atomically(
-    output: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False
-) -> None:
+def _make_sibling_dir(parent: str) -> str:
+    """A new empty directory in `parent` with the permissions of `os.mkdir` (umask applied).
+
+    Not `tempfile.mkdtemp`: its directories are 0700, and the renamed checkpoint would keep that mode,
+    unreadable to anyone else sharing the models.
+    """
+    while True:
+        path = os.path.join(parent, TEMP_PREFIX + secrets.token_hex(6))
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def save_directory_atomically(output: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> None:
     """Run `write(tmp)` into a fresh sibling directory, then swap it in for `output`.
 
     A failure inside `write` leaves `output` exactly as it was (absent, or with its old contents). An
@@ -226,6 +238,9 @@ def save_directory_atomically(
     output = os.path.abspath(os.fspath(output))
     if os.path.exists(output) and not os.path.isdir(output):
         raise FileExistsError(f"{output!r} is a file, not a directory; choose another path")
+    cwd = os.getcwd()
+    if os.path.commonpath([cwd, output]) == output:  # the process would be left in a deleted directory
+        raise ValueError(f"cannot replace {output!r}: it is (or contains) the current working directory")
     existing = os.path.isdir(output) and bool(os.listdir(output))
     if existing and not overwrite and not any(os.path.exists(os.path.join(output, m)) for m in CHECKPOINT_MARKERS):
         raise FileExistsError(
@@ -234,7 +249,7 @@ def save_directory_atomically(
         )
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent)
+    tmp = _make_sibling_dir(parent)
     old = None
     try:
         write(tmp)

@@ -138,6 +138,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     output = getattr(args, "output", None)
+    if getattr(args, "compact", False) and not output:
+        raise ValueError("--compact describes how --output is saved; give --output DIR too")
     if output and os.path.exists(output) and not os.path.isdir(output):
         raise FileExistsError(f"--output {output!r} is a file, not a directory; choose another path")
     if output and os.path.exists(output) and os.listdir(output) and not args.overwrite:
@@ -194,6 +196,9 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         info = sparse.save_pretrained(args.output, compact=args.compact, tokenizer=tokenizer, overwrite=True)
         record["output"] = args.output
         record["checkpoint_mb"] = info.total_bytes / 2**20
+        record["checkpoint_weights_mb"] = info.weights_bytes / 2**20
+        record["dense_weights_mb"] = info.dense_weights_bytes / 2**20
+        record["checkpoint_ratio"] = info.ratio
         logger.info("saved to %s", args.output)
     if args.report:
         print(format_sparsity_report(sparsity_report(model)))

@@ -61,11 +61,19 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def load_model_and_tokenizer(model: str | None = None, dtype: str | torch.dtype | None = "float32", **kwargs):
-    """(model, tokenizer) from a Hub id, a local directory, a .gguf file, or the default SmolLM2."""
+    """(model, tokenizer) from a Hub id, a local directory (compact checkpoints too), a .gguf file, or SmolLM2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_reference(model)
     source = model or default_model_path()
+    if os.path.isfile(os.path.join(source, "sparsity_config.json")):
+        from optimum_sparse.modeling import SparseModel, is_compact_checkpoint
+
+        if is_compact_checkpoint(source):  # kept values + bitmasks: transformers alone cannot read it
+            logger.info("loading the compact checkpoint %s with SparseModel", source)
+            sparse = SparseModel.from_pretrained(source, dtype=resolve_dtype(dtype), **kwargs)
+            tokenizer = sparse.tokenizer if sparse.tokenizer is not None else AutoTokenizer.from_pretrained(source)
+            return sparse.model, tokenizer
     path, extra = _split_gguf(source)
     extra.update(kwargs)
     logger.info("loading %s", source)

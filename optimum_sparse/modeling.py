@@ -17,6 +17,7 @@ The checkpoint format is described in docs/format.md.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -53,7 +54,15 @@ logger = logging.getLogger(__name__)
 
 MODEL_CARD_NAME = "README.md"
 # keyword arguments of `from_pretrained` that also apply to the tokenizer
-_TOKENIZER_KWARGS = ("gguf_file", "revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
+_TOKENIZER_KWARGS = (
+    "gguf_file",
+    "revision",
+    "token",
+    "cache_dir",
+    "local_files_only",
+    "subfolder",
+    "trust_remote_code",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -102,6 +111,19 @@ def _describe_calibration(calibration: Any, config: SparsityConfig) -> str:
     return f"{source}; {config.num_samples} windows x {config.seq_len} tokens, seed {config.seed}"
 
 
+def _saved_tokenizer(directory: str):
+    """The tokenizer saved beside a checkpoint, so that saving or pushing it again keeps it; else None."""
+    if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        logger.warning("%s: tokenizer files present but not loadable (%s)", directory, err)
+        return None
+
+
 def _model_class(config):
     """The transformers class named in config.json's `architectures`, else the causal-LM auto class."""
     import transformers
@@ -111,6 +133,31 @@ def _model_class(config):
         if cls is not None:
             return cls
     return transformers.AutoModelForCausalLM
+
+
+def _call_wrapped(self: SparseModel, *args: Any, labels=None, **kwargs: Any):
+    if labels is not None:
+        kwargs["labels"] = labels
+    return self.model(*args, **kwargs)
+
+
+class _DelegatedForward:
+    """`SparseModel.forward`: calls the wrapped model, and shows that model's forward signature.
+
+    `Trainer` drops every dataset column that `inspect.signature(model.forward)` does not name, and looks
+    for `labels` in the class's forward: a bare `(*args, **kwargs)` would leave it an empty batch.
+    """
+
+    def __get__(self, instance: SparseModel | None, owner: type | None = None):
+        if instance is None:
+            return _call_wrapped
+        model = instance.model
+
+        @functools.wraps(model.forward)
+        def forward(*args: Any, **kwargs: Any):
+            return model(*args, **kwargs)
+
+        return forward
 
 
 class SparseModel(nn.Module):
@@ -166,8 +213,7 @@ class SparseModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args: Any, **kwargs: Any):
-        return self.model(*args, **kwargs)
+    forward = _DelegatedForward()
 
     def generate(self, *args: Any, **kwargs: Any):
         return self.model.generate(*args, **kwargs)
@@ -227,6 +273,11 @@ class SparseModel(nn.Module):
 
     def _check_zeros(self) -> None:
         for name, mask in self.masks.items():
+            if self.model.get_submodule(name) is not self._module(name):
+                raise ValueError(
+                    f"{name} carries an adapter (PEFT); merge it first, keeping the zeros: "
+                    "SparseModel(merge_and_mask(peft_model, sparse), sparse.masks, sparse.sparsity_config)"
+                )
             weight = get_weight(self._module(name)).detach()
             stray = int((weight != 0).logical_and_(~mask.to(weight.device)).sum())
             if stray:
@@ -437,6 +488,8 @@ class SparseModel(nn.Module):
         api = HfApi(token=token)
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         repo_id = getattr(url, "repo_id", None) or repo_id
+        if revision is not None and not create_pr:  # upload_folder fails on a branch that does not exist yet
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="optimum-sparse-push-") as tmp:
             folder = os.path.join(tmp, "checkpoint")
             self.save_pretrained(folder, compact=compact, tokenizer=tokenizer)
@@ -459,6 +512,7 @@ class SparseModel(nn.Module):
         tokenizer=None,
         *,
         show_progress: bool = True,
+        keep_masks: bool = False,
         **hf_kwargs: Any,
     ) -> SparseModel:
         """Prune a model one-shot, or load one saved by this library.
@@ -469,11 +523,13 @@ class SparseModel(nn.Module):
         - Without: `pretrained_model_name_or_path` is a checkpoint saved by `save_pretrained` (a directory
           or a Hub repo, dense or compact); its masks and config come back with it.
 
+        `keep_masks=True` registers the mask buffers at once (see `keep_masks`), ready for fine-tuning.
         `hf_kwargs` go to transformers' `from_pretrained` (dtype, revision, token, device_map, ...).
         """
         path = os.fspath(pretrained_model_name_or_path)
         if sparsity_config is not None:
-            return cls._prune_pretrained(path, sparsity_config, calibration, tokenizer, show_progress, hf_kwargs)
+            sparse = cls._prune_pretrained(path, sparsity_config, calibration, tokenizer, show_progress, hf_kwargs)
+            return sparse.keep_masks() if keep_masks else sparse
         if not os.path.isdir(path):
             if path.endswith(".gguf") or not _is_hub_id(path):
                 raise FileNotFoundError(
@@ -485,7 +541,8 @@ class SparseModel(nn.Module):
             hub = {k: hf_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in hf_kwargs}
             path = snapshot_download(path, **hub)
             hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in hub}
-        return cls._load_saved(path, hf_kwargs)
+        sparse = cls._load_saved(path, hf_kwargs)
+        return sparse.keep_masks() if keep_masks else sparse
 
     @classmethod
     def _prune_pretrained(cls, path, config, calibration, tokenizer, show_progress, hf_kwargs) -> SparseModel:
@@ -503,7 +560,9 @@ class SparseModel(nn.Module):
         model.eval()
         if tokenizer is None:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(source, **{k: kwargs[k] for k in _TOKENIZER_KWARGS if k in kwargs})
+                tokenizer = AutoTokenizer.from_pretrained(
+                    source, **{k: kwargs[k] for k in _TOKENIZER_KWARGS if k in kwargs}
+                )
             except (OSError, ValueError) as err:  # no tokenizer files: fine when the method needs no text
                 logger.warning("no tokenizer loaded from %s (%s)", path, err)
         result = prune(model, config, calibration, tokenizer, show_progress=show_progress)
@@ -522,8 +581,11 @@ class SparseModel(nn.Module):
                 f"{directory} has no {CONFIG_NAME}, so it was not saved by SparseModel.save_pretrained; to prune "
                 "this model, pass sparsity_config=SparsityConfig(...)"
             )
-        with open(config_path, encoding="utf-8") as handle:
-            raw = json.load(handle)
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                raw = json.load(handle)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path} is not valid JSON ({err}); the checkpoint is damaged") from None
         try:
             config = SparsityConfig.from_dict(raw)
         except ValueError as err:
@@ -556,6 +618,7 @@ class SparseModel(nn.Module):
         sparse.metrics = dict(raw.get("metrics") or {})
         sparse.base_model_id = raw.get("base_model") or sparse.base_model_id
         sparse.calibration = raw.get("calibration")
+        sparse.tokenizer = _saved_tokenizer(directory)
         try:
             sparse._check_zeros()
         except ValueError as err:
