@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "SparseModel": "optimum_sparse.modeling",
     "SparseFineTuneCallback": "optimum_sparse.callbacks",
+    "SparsityCallback": "optimum_sparse.pg",
     "merge_and_mask": "optimum_sparse.peft_utils",
 }
 
@@ -34,6 +35,7 @@ __all__ = [
     "PruningResult",
     "SparseFineTuneCallback",
     "SparseModel",
+    "SparsityCallback",
     "SparsityConfig",
     "__version__",
     "available_methods",

@@ -35,6 +35,14 @@ METADATA_KEYS = (
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
+#: non-N:M patterns; "unstructured" is stored as None, "channels" (MLP channels + attention KV groups) is pg-only
+STRUCTURED_PATTERNS = ("channels",)
+#: settings of policy-gradient mask learning (method "pg", see docs/mask_learning.md)
+PG_PRECONDITIONERS = ("fisher", "adam")
+PG_INITS = ("wanda", "uniform")
+PG_OBJECTIVES = ("lm",)
+HARDEN_SCOPES = ("global", "layer")
+
 #: per-layer solvers SparseLLM may use for the attention projections and inside its MLP updates
 INNER_SOLVERS = ("admm", "sparsegpt")
 
@@ -62,7 +70,9 @@ class SparsityConfig:
         method: registered solver name (see `optimum_sparse.available_methods()`).
         sparsity: fraction of weights set to zero in every pruned layer, in [0, 1). Implied by
             `pattern` when that is N:M.
-        pattern: None (unstructured) or "N:M" (keep N of every M consecutive input weights).
+        pattern: None or "unstructured", "N:M" (keep N of every M consecutive input weights), or, for
+            method "pg" only, "channels" (MLP intermediate channels and attention KV groups, budget
+            counted in parameters).
         targets: regexes (``re.search`` on full module names); only matching linears inside the
             decoder blocks are pruned. None prunes every linear in every block.
         ignore: regexes of module names never pruned. lm_head and embeddings are always skipped.
@@ -91,6 +101,19 @@ class SparsityConfig:
             "admm" (default) or "sparsegpt".
         sparsellm_max_memory_gb: SparseLLM refuses, before allocating, a block whose auxiliary
             variables (calibration tokens x MLP width) would need more GiB than this.
+        refresh_every: (pg) a sampled sub-model is reused for this many optimizer steps, its
+            gradient reweighted by the clipped importance ratio p_now(m) / p_sampled(m).
+        clip: (pg) importance ratios are clipped to [1/clip, clip] (>= 1; inf: no clipping).
+        preconditioner: (pg) "fisher" scales Bernoulli gradients by s(1 - s) (natural gradient;
+            pair with optim="sgd"), "adam" leaves the raw gradient to an adaptive optimizer.
+        samples_per_step: (pg) sub-models evaluated per forward pass (each batch runs through each).
+        init: (pg) initial keep-probabilities: "wanda" (sigmoid of the z-scored |W| * ||X|| metric,
+            shifted to the budget, from `num_samples` calibration sequences) or "uniform".
+        final_weight_update: (pg) None, or "admm" to refit the kept weights after hardening.
+        pg_objective: (pg) "lm": the sampled sub-model's language-modelling loss.
+        baseline_decay: (pg) decay of the loss baseline's exponential moving average.
+        harden_scope: (pg) final masks keep the top keep-probabilities "global"ly under the budget
+            or within each "layer" (each MLP / attention module, or linear) at the same sparsity.
     """
 
     method: str = "sparsegpt"
@@ -123,6 +146,16 @@ class SparsityConfig:
     gamma: float = 10.0
     inner_solver: str = "admm"
     sparsellm_max_memory_gb: float = 16.0
+    # policy-gradient mask learning with stale sub-models (method "pg", SparsityCallback)
+    refresh_every: int = 1
+    clip: float = 2.0
+    preconditioner: str = "fisher"
+    samples_per_step: int = 1
+    init: str = "wanda"
+    final_weight_update: str | None = None
+    pg_objective: str = "lm"
+    baseline_decay: float = 0.9
+    harden_scope: str = "global"
 
     def __post_init__(self) -> None:
         from optimum_sparse.solvers import available_methods
@@ -130,7 +163,16 @@ class SparsityConfig:
         methods = available_methods()
         if self.method not in methods:
             raise ValueError(f"method {self.method!r} is not registered; choose one of {sorted(methods)}")
-        if self.pattern is not None:
+        if isinstance(self.pattern, str) and self.pattern.strip().lower() == "unstructured":
+            self.pattern = None
+        if isinstance(self.pattern, str) and self.pattern.strip().lower() in STRUCTURED_PATTERNS:
+            self.pattern = self.pattern.strip().lower()
+            if self.method != "pg":
+                raise ValueError(
+                    f"pattern {self.pattern!r} is learned by method 'pg' (SparsityCallback) only; "
+                    f"{self.method!r} prunes unstructured or N:M"
+                )
+        elif self.pattern is not None:
             n, m = parse_nm(self.pattern)
             implied = 1.0 - n / m
             if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
@@ -184,6 +226,7 @@ class SparsityConfig:
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < float("inf"):
             raise ValueError(f"sparsellm_max_memory_gb must be a finite number of GiB > 0, got {limit!r}")
         self.sparsellm_max_memory_gb = float(limit)
+        self._validate_pg()
         if self.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?|mps)$", self.device):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         for name in ("targets", "ignore"):
@@ -199,11 +242,35 @@ class SparsityConfig:
                 except re.error as err:
                     raise ValueError(f"{name}: {regex!r} is not a valid regular expression ({err})") from err
 
+    def _validate_pg(self) -> None:
+        for name in ("refresh_every", "samples_per_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        clip = self.clip
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 1.0:
+            raise ValueError(f"clip bounds importance ratios to [1/clip, clip]: a number >= 1 (or inf), got {clip!r}")
+        self.clip = float(clip)
+        choices = {
+            "preconditioner": PG_PRECONDITIONERS,
+            "init": PG_INITS,
+            "pg_objective": PG_OBJECTIVES,
+            "harden_scope": HARDEN_SCOPES,
+            "final_weight_update": (None, "admm"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        decay = self.baseline_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"baseline_decay must be in [0, 1), got {decay!r}")
+        self.baseline_decay = float(decay)
+
     # ------------------------------------------------------------------ helpers
     @property
     def nm(self) -> tuple[int, int] | None:
         """(N, M) when the pattern is N:M, else None."""
-        return parse_nm(self.pattern) if self.pattern else None
+        return parse_nm(self.pattern) if self.pattern and self.pattern not in STRUCTURED_PATTERNS else None
 
     @property
     def ignore_patterns(self) -> list[str]:
@@ -212,7 +279,9 @@ class SparsityConfig:
 
     def describe(self) -> str:
         """Short human form, e.g. "sparsegpt 2:4" or "wanda 50%"."""
-        amount = self.pattern if self.pattern else f"{self.sparsity:.0%}"
+        amount = self.pattern if self.nm else f"{self.sparsity:.0%}"
+        if self.pattern in STRUCTURED_PATTERNS:
+            amount = f"{self.pattern} {amount}"
         return f"{self.method} {amount}"
 
     # ------------------------------------------------------------------ (de)serialisation

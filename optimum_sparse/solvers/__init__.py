@@ -33,7 +33,7 @@ def get_solver_class(name: str) -> type[Solver]:
 
 
 # Built-in methods register themselves on import.
-from optimum_sparse.solvers import admm, magnitude, sparsegpt, sparsellm, wanda  # noqa: E402,F401
+from optimum_sparse.solvers import admm, magnitude, pg, sparsegpt, sparsellm, wanda  # noqa: E402,F401
 
 __all__ = [
     "LayerResult",

@@ -1,0 +1,28 @@
+"""Mask learning by policy gradients on stale sub-models (ICLR 2025 submission 5866): see docs/mask_learning.md.
+
+distributions (Bernoulli / N:M categorical masks), estimator (score-function gradient, importance
+weights, surrogate loss), projection (budget), units / masking / slicing (channel sub-models),
+spaces (channels, unstructured, N:M), wanda_init, learner, wiring (Trainer integration), callback.
+"""
+
+from optimum_sparse.pg.callback import SparsityCallback, build_space
+from optimum_sparse.pg.distributions import BernoulliMasks, NMCategorical
+from optimum_sparse.pg.estimator import ScoreFunctionEstimator, importance_weights, surrogate_loss
+from optimum_sparse.pg.projection import harden_to_budget, project_to_budget, sigmoid_to_budget
+from optimum_sparse.pg.slicing import slice_channels
+from optimum_sparse.pg.units import find_channel_groups
+
+__all__ = [
+    "BernoulliMasks",
+    "NMCategorical",
+    "ScoreFunctionEstimator",
+    "SparsityCallback",
+    "build_space",
+    "find_channel_groups",
+    "harden_to_budget",
+    "importance_weights",
+    "project_to_budget",
+    "sigmoid_to_budget",
+    "slice_channels",
+    "surrogate_loss",
+]

@@ -1,0 +1,237 @@
+"""`SparsityCallback`: learn a sparsity mask inside a `transformers.Trainer`.
+
+Policy gradients on stale sub-models (ICLR 2025 submission 5866): keep-probabilities s of the mask
+units are the only trainable parameters; each step evaluates a sampled sub-model by forward passes
+only and applies the score-function gradient, reweighted by clipped importance ratios while a
+sub-model is reused for `refresh_every` steps; after every optimizer step s is projected back onto
+the parameter budget; at the end the top of s becomes the hard mask. Usage::
+
+    config = SparsityConfig(method="pg", pattern="channels", sparsity=0.3, refresh_every=4)
+    callback = SparsityCallback(config)
+    trainer = Trainer(model=model, args=TrainingArguments(..., optim="sgd", learning_rate=0.05),
+                      train_dataset=dataset, data_collator=collator, callbacks=[callback])
+    trainer.train()          # the model ends pruned; callback.masks holds the (out, in) keep-masks
+
+The callback prepares the model when the Trainer finishes its __init__ (`on_init_end`), before the
+optimizer exists; call `callback.prepare(model)` yourself to prepare it earlier. See
+docs/mask_learning.md for what each setting does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from optimum_sparse.config import SparsityConfig
+from optimum_sparse.pg import wiring
+from optimum_sparse.pg.channel_space import ChannelSpace
+from optimum_sparse.pg.estimator import ScoreFunctionEstimator
+from optimum_sparse.pg.learner import StaleSubModelLearner
+from optimum_sparse.pg.space import MaskSpace
+from optimum_sparse.pg.wanda_init import input_norms, layers_of, wanda_metric
+from optimum_sparse.pg.weight_space import NMSpace, UnstructuredSpace
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_KEYS = ("input_ids", "attention_mask")
+
+
+def build_space(model: nn.Module, config: SparsityConfig) -> MaskSpace:
+    """The mask space of `config.pattern`: channels, N:M, or unstructured."""
+    if config.pattern == "channels":
+        return ChannelSpace(model, config.sparsity, config.harden_scope)
+    if config.nm is not None:
+        return NMSpace(model, config)
+    return UnstructuredSpace(model, config, config.harden_scope)
+
+
+class SparsityCallback(TrainerCallback):
+    """Learns the mask of `config` (method "pg") during `Trainer.train()`; see the module docstring.
+
+    Args:
+        config: a `SparsityConfig` with method "pg".
+        calibration: token ids (a LongTensor, batch x length) for the Wanda initialisation; by default
+            the first training batches (up to `config.num_samples` sequences) are used.
+
+    After training: `masks` ({module name: (out, in) bool keep-mask}), `hard_mask` (flat, in the
+    space's unit order), `history` (per-step statistics), and for channels `slice_model()`.
+    """
+
+    def __init__(self, config: SparsityConfig, calibration: torch.Tensor | None = None):
+        if config.method != "pg":
+            raise ValueError(f"SparsityCallback learns masks with method 'pg', got method {config.method!r}")
+        self.config = config
+        self.calibration = calibration
+        self.model: nn.Module | None = None
+        self.space: MaskSpace | None = None
+        self.learner: StaleSubModelLearner | None = None
+        self.masks: dict[str, torch.Tensor] | None = None
+        self.hard_mask: torch.Tensor | None = None
+        self._initialised = config.init == "uniform"
+        self._logged_upto = 0
+
+    # ---------------------------------------------------------------- setup
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Freeze `model`, attach the scores, route its training forward through the estimator (idempotent)."""
+        if self.model is model:
+            return model
+        if self.model is not None:
+            raise ValueError("this SparsityCallback already prepared another model; create one per model")
+        config = self.config
+        device = next(model.parameters()).device
+        self.space = build_space(model, config)
+        estimator = ScoreFunctionEstimator(config.preconditioner, config.clip, config.baseline_decay)
+        self.learner = StaleSubModelLearner(
+            self.space, estimator, config.refresh_every, config.samples_per_step, device=device, seed=config.seed
+        )
+        wiring.install(model, self.learner)
+        self.model = model
+        logger.info(
+            "mask learning (%s): %d score parameters over %s, refresh every %d step(s), clip %g, %s",
+            config.describe(),
+            self.learner.scores.numel(),
+            self.space.unit_name,
+            config.refresh_every,
+            config.clip,
+            config.preconditioner,
+        )
+        return model
+
+    def initialise(self, batches) -> None:
+        """Wanda initialisation from an iterable of batches (dicts with input_ids / attention_mask)."""
+        model = self.model
+        self.learner.deactivate()
+        was_training = model.training
+        model.eval()
+        try:
+            norms = input_norms(layers_of(self.space), lambda batch: wiring.dense_forward(model, **batch), batches)
+        finally:
+            model.train(was_training)
+        scores = self.space.init_from_metric(wanda_metric(self.space, norms))
+        with torch.no_grad():
+            self.learner.scores.copy_(scores.to(self.learner.scores.device))
+        self._initialised = True
+        logger.info("Wanda initialisation: expected sparsity %.4f", self.space.expected_sparsity(self.learner.scores))
+
+    def _calibration_batches(self, train_dataloader, device: torch.device):
+        if self.calibration is not None:
+            ids = self.calibration.long()
+            return [{"input_ids": ids[i : i + 8].to(device)} for i in range(0, ids.shape[0], 8)]
+        if train_dataloader is None:
+            raise ValueError("init='wanda' needs calibration token ids or a training dataloader")
+        batches, sequences = [], 0
+        for batch in itertools.islice(train_dataloader, max(1, self.config.num_samples)):
+            batches.append({k: v.to(device) for k, v in batch.items() if k in CALIBRATION_KEYS})
+            sequences += int(batch["input_ids"].shape[0])
+            if sequences >= self.config.num_samples:
+                break
+        return batches
+
+    # ---------------------------------------------------------------- Trainer events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.prepare(model)
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if self.model is None:
+            raise RuntimeError("SparsityCallback was not given the model; call callback.prepare(model)")
+        if self.config.preconditioner == "fisher" and "sgd" not in str(args.optim).lower():
+            logger.info("preconditioner='fisher' is meant for optim='sgd'; %s adapts the step size itself", args.optim)
+        # each process samples its own sub-models; DDP averages the score gradients
+        self.learner.generator.manual_seed(self.config.seed + int(getattr(args, "process_index", 0)))
+        if not self._initialised:
+            device = self.learner.scores.device
+            self.initialise(self._calibration_batches(train_dataloader, device))
+        self.model.train()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.learner.project()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.learner.end_step()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        entries = self.learner.history[self._logged_upto :] if self.learner else []
+        if not entries:
+            return
+        self._logged_upto = len(self.learner.history)
+        summary = _summarise(entries)
+        if logs is not None:
+            logs.update(summary)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(summary)
+        logger.info("mask learning step %d: %s", state.global_step, summary)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.finalize()
+
+    # ---------------------------------------------------------------- results
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """Harden the mask, write it into the model (zeros), and give the model its own forward back."""
+        if self.masks is not None:
+            return self.masks
+        learner, model = self.learner, self.model
+        self.hard_mask = learner.hard_mask()
+        learner.deactivate()  # the dense model: what a weight refit starts from
+        wiring.uninstall(model)
+        if self.config.final_weight_update == "admm":
+            self._refit(self.space.weight_masks(self.hard_mask))
+        self.masks = self.space.finalize(self.hard_mask)
+        sparsity = self.space.sparsity_of(self.hard_mask)
+        logger.info(
+            "hardened %s mask: sparsity %.4f (target %.4f)", self.config.describe(), sparsity, self.config.sparsity
+        )
+        return self.masks
+
+    def _refit(self, masks: dict[str, torch.Tensor]) -> None:
+        """ADMM weight update (Boza 2024) of the kept weights, from the dense ones, for the hard masks."""
+        if self.calibration is None:
+            logger.warning("final_weight_update='admm' needs `calibration` token ids; skipping the refit")
+            return
+        from optimum_sparse.refit import refit_weights
+
+        # per linear layer, a channel mask is a mask with whole rows / columns removed
+        if self.config.pattern == "channels":
+            config = dataclasses.replace(self.config, method="admm", pattern=None, targets=None, ignore=[])
+        else:
+            config = dataclasses.replace(self.config, method="admm")
+        config.num_samples, config.seq_len = (int(n) for n in self.calibration.shape)
+        refit_weights(self.model, self.calibration, masks=masks, config=config, show_progress=False)
+        logger.info("refitted the kept weights by ADMM on %d calibration sequences", self.calibration.shape[0])
+
+    def slice_model(self) -> dict[str, int]:
+        """For pattern "channels": replace the layers by smaller dense ones without the pruned units."""
+        if not isinstance(self.space, ChannelSpace):
+            raise ValueError("only channel masks can be sliced into a smaller dense model")
+        if self.hard_mask is None:
+            self.finalize()
+        return self.space.slice_model(self.hard_mask)
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.learner.history if self.learner else []
+
+
+def _summarise(entries: list[dict[str, float]]) -> dict[str, Any]:
+    last = entries[-1]
+
+    def mean(key: str) -> float:
+        return sum(e.get(key, math.nan) for e in entries) / len(entries)
+
+    return {
+        "pg_loss": mean("loss"),
+        "pg_baseline": last.get("baseline", math.nan),
+        "pg_ratio_mean": mean("ratio_mean"),
+        "pg_ratio_min": min(e.get("ratio_min", math.nan) for e in entries),
+        "pg_ratio_max": max(e.get("ratio_max", math.nan) for e in entries),
+        "pg_clipped_fraction": mean("clipped_fraction"),
+        "pg_expected_sparsity": last["expected_sparsity"],
+        "pg_refreshes": last["refreshes"],
+    }

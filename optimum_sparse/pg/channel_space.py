@@ -1,0 +1,122 @@
+"""The "channels" mask space: one Bernoulli keep-probability per MLP channel and attention KV group.
+
+The budget is counted in parameters: sum_i c_i s_i = (1 - sparsity) * sum_i c_i with c_i the
+weights (and output biases) a unit owns, so the expected sub-model has the requested size whatever
+the mix of channels and heads. Sub-models are instantiated by masking (hooks, `ChannelMasker`); the
+final mask can also be sliced out (`slice_model`) for a smaller dense model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from optimum_sparse.architecture import get_weight
+from optimum_sparse.pg.distributions import BernoulliMasks
+from optimum_sparse.pg.masking import ChannelMasker
+from optimum_sparse.pg.projection import (
+    budget_of,
+    harden_per_group,
+    harden_to_budget,
+    project_to_budget,
+    sigmoid_to_budget,
+    zscore,
+)
+from optimum_sparse.pg.slicing import slice_channels
+from optimum_sparse.pg.space import MaskSpace
+from optimum_sparse.pg.units import find_channel_groups, unit_costs
+
+
+class ChannelSpace(MaskSpace):
+    """Bernoulli masks over channel units; `harden_scope` "global" or "layer" (each group alike)."""
+
+    family = BernoulliMasks
+    unit_name = "channels/heads"
+
+    def __init__(self, model: nn.Module, sparsity: float, harden_scope: str = "global"):
+        self.groups = find_channel_groups(model)
+        self.costs = unit_costs(self.groups)
+        self.sparsity = sparsity
+        self.budget = budget_of(self.costs, sparsity)
+        self.harden_scope = harden_scope
+        self.num_units = int(self.costs.numel())
+        self.masker = ChannelMasker(self.groups)
+        # hardening always keeps one KV group per attention module (a layer without heads cannot be sliced)
+        self._attention = [g for g in self.groups if g.kind == "attention"]
+
+    def initial_scores(self) -> torch.Tensor:
+        return torch.full((self.num_units,), 1.0 - self.sparsity)
+
+    def activate(self, sample: torch.Tensor) -> None:
+        self.masker.activate(sample)
+
+    def deactivate(self) -> None:
+        self.masker.deactivate()
+
+    def project(self, scores: torch.Tensor) -> torch.Tensor:
+        return project_to_budget(scores, self.costs.to(scores.device), self.budget)
+
+    def _required(self, scores: torch.Tensor) -> torch.Tensor:
+        required = torch.zeros(self.num_units, dtype=torch.bool)
+        flat = scores.detach().reshape(-1).cpu()
+        for group in self._attention:
+            required[group.offset + int(flat[group.units].argmax())] = True
+        return required
+
+    def harden(self, scores: torch.Tensor) -> torch.Tensor:
+        required = self._required(scores)
+        if self.harden_scope == "layer":
+            slices = [g.units for g in self.groups]
+            return harden_per_group(scores.detach().cpu(), self.costs, self.sparsity, slices, required)
+        return harden_to_budget(scores.detach().cpu(), self.costs, self.budget, required)
+
+    def expected_sparsity(self, scores: torch.Tensor) -> float:
+        kept = float((scores.detach().double().cpu().clamp(0, 1) * self.costs).sum())
+        return 1.0 - kept / float(self.costs.sum())
+
+    def sparsity_of(self, sample: torch.Tensor) -> float:
+        kept = float(self.costs[sample.reshape(-1).cpu().bool()].sum())
+        return 1.0 - kept / float(self.costs.sum())
+
+    def weight_masks(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:
+        keep = sample.reshape(-1).cpu().bool()
+        masks = {}
+        for group in self.groups:
+            kept_units = torch.nonzero(keep[group.units]).reshape(-1)
+            for unit_slice in group.slices:
+                weight = get_weight(unit_slice.layer)
+                features = torch.zeros(weight.shape[0 if unit_slice.side == "out" else 1], dtype=torch.bool)
+                features[unit_slice.indices(kept_units)] = True
+                mask = features.unsqueeze(1) if unit_slice.side == "out" else features.unsqueeze(0)
+                masks[f"{group.name}.{unit_slice.attr}"] = mask.expand(tuple(weight.shape)).clone()
+        return masks
+
+    @torch.no_grad()
+    def finalize(self, hard: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero the removed rows/columns (and the output-bias entries of removed rows); remove the hooks."""
+        self.masker.remove()
+        masks = self.weight_masks(hard)
+        for group in self.groups:
+            for unit_slice in group.slices:
+                layer = unit_slice.layer
+                mask = masks[f"{group.name}.{unit_slice.attr}"]
+                weight = get_weight(layer)
+                weight.mul_(mask.to(weight.device, weight.dtype))
+                bias = getattr(layer, "bias", None)
+                if unit_slice.side == "out" and bias is not None:
+                    bias.mul_(mask[:, 0].to(bias.device, bias.dtype))
+        return masks
+
+    def slice_model(self, hard: torch.Tensor) -> dict[str, int]:
+        """Physically remove the pruned units (after `finalize`, or instead of it)."""
+        self.masker.remove()
+        return slice_channels(self.groups, hard)
+
+    def init_from_metric(self, metric: torch.Tensor) -> torch.Tensor:
+        """sigmoid(z + tau): z-scored within each kind (MLP channels, attention groups), tau on the budget."""
+        metric = metric.detach().double().cpu()
+        z = torch.zeros_like(metric)
+        for kind in ("attention", "mlp"):
+            index = torch.cat([torch.arange(g.offset, g.offset + g.num_units) for g in self.groups if g.kind == kind])
+            z[index] = zscore(metric[index])
+        return sigmoid_to_budget(z, self.costs, self.budget).float()

@@ -1,0 +1,144 @@
+"""Score-function (REINFORCE) gradient of the expected loss, with stale samples reweighted.
+
+For a mask distribution p_s and a loss L(m) of the sub-model with mask m,
+
+    grad_s E_{m ~ p_s}[L(m)] = E_{m ~ p_s}[(L(m) - b) grad_s log p_s(m)]
+
+for any baseline b that does not depend on m (Williams 1992). A sub-model sampled at step t0 and
+reused at step t (stale sub-models, ICLR 2025 submission 5866) is drawn from p_{s_t0}, so its term is
+reweighted by the importance ratio w = p_{s_t}(m) / p_{s_t0}(m), which keeps the estimate unbiased.
+The ratio is a product over thousands of units, so it is computed in log space and clipped to
+[1/clip, clip] (truncated importance sampling, in the spirit of PPO's clipped ratio): a clipped
+estimate is biased but every sample's weight is bounded, so one stale sample cannot dominate.
+
+Preconditioning: "fisher" multiplies the Bernoulli gradient by the inverse Fisher information
+s (1 - s) (the natural gradient, which turns (m - s) / (s (1 - s)) into the bounded (m - s));
+"adam" leaves the raw gradient to an adaptive optimizer. For the N:M categorical family the
+gradient w.r.t. the logits, onehot - softmax, is already bounded and equals the natural gradient in
+the mean parameters, so both settings leave it unchanged.
+
+The Trainer applies the estimate through `surrogate_loss`: a scalar whose value is the sampled
+model's loss (what gets logged) and whose autograd gradient w.r.t. the scores is the estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+PRECONDITIONERS = ("fisher", "adam")
+
+
+class MaskFamily(Protocol):
+    def log_prob(self, scores: torch.Tensor, samples: torch.Tensor) -> torch.Tensor: ...
+
+    def grad_log_prob(self, scores: torch.Tensor, samples: torch.Tensor) -> torch.Tensor: ...
+
+
+def importance_weights(
+    log_prob_now: torch.Tensor, log_prob_then: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w = exp(clamp(log p_now - log p_then, -log clip, log clip)) and which samples were clipped.
+
+    `clip` >= 1 bounds the ratio to [1/clip, clip]; `clip=inf` gives the exact (unbiased) ratio,
+    `clip=1` ignores staleness altogether (w = 1).
+    """
+    if not clip >= 1.0:
+        raise ValueError(f"clip must be >= 1 (the ratio is clipped to [1/clip, clip]), got {clip}")
+    delta = (log_prob_now.double() - log_prob_then.double()).float()
+    if math.isinf(clip):
+        return delta.exp(), torch.zeros_like(delta, dtype=torch.bool)
+    bound = math.log(clip)
+    return delta.clamp(-bound, bound).exp(), delta.abs() > bound
+
+
+def score_function_gradient(
+    losses: torch.Tensor, grad_log_probs: torch.Tensor, baseline: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """mean_j w_j (L_j - b) grad log p(m_j): the estimate from samples j (first dimension)."""
+    advantage = losses.detach().float() - baseline
+    if weights is not None:
+        advantage = advantage * weights.float()
+    shape = (-1,) + (1,) * (grad_log_probs.dim() - 1)
+    return (advantage.reshape(shape) * grad_log_probs).mean(0)
+
+
+def surrogate_loss(scores: torch.Tensor, gradient: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A scalar equal to `value` whose gradient w.r.t. `scores` is `gradient` (and nothing else)."""
+    linear = (gradient.detach().to(scores.dtype) * scores).sum()
+    return value.detach() + (linear - linear.detach())
+
+
+@dataclass
+class Estimate:
+    """One step's estimate and the statistics worth logging."""
+
+    gradient: torch.Tensor
+    baseline: float
+    loss: float
+    weights: torch.Tensor  # (samples,) importance weights after clipping
+    log_ratios: torch.Tensor  # (samples,) unclipped log p_now - log p_then
+    clipped: torch.Tensor  # (samples,) bool
+
+
+class ScoreFunctionEstimator:
+    """Stateful estimator: EMA baseline, clipped importance weights, preconditioning.
+
+    Args:
+        preconditioner: "fisher" (natural gradient of Bernoulli scores) or "adam" (raw gradient).
+        clip: importance ratios are clipped to [1/clip, clip]; `inf` disables clipping.
+        baseline_decay: b <- decay * b + (1 - decay) * mean loss after each step. The first step,
+            with no history, uses the mean of its own losses (for one sample: no update that step).
+    """
+
+    def __init__(self, preconditioner: str = "fisher", clip: float = 2.0, baseline_decay: float = 0.9):
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+        if not 0.0 <= baseline_decay < 1.0:
+            raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
+        self.preconditioner = preconditioner
+        self.clip = float(clip)
+        self.baseline_decay = baseline_decay
+        self.baseline: float | None = None
+
+    def estimate(
+        self,
+        family: MaskFamily,
+        scores: torch.Tensor,
+        samples: torch.Tensor,
+        losses: torch.Tensor,
+        log_prob_then: torch.Tensor,
+    ) -> Estimate:
+        """The reweighted, preconditioned gradient for samples drawn when log p was `log_prob_then`."""
+        losses = losses.detach().float().reshape(-1)
+        baseline = self.baseline if self.baseline is not None else float(losses.mean())
+        log_prob_now = family.log_prob(scores, samples)
+        weights, clipped = importance_weights(log_prob_now, log_prob_then.to(log_prob_now.device), self.clip)
+        gradient = score_function_gradient(losses, family.grad_log_prob(scores, samples), baseline, weights)
+        fisher = getattr(family, "fisher_diagonal", None)
+        if self.preconditioner == "fisher" and fisher is not None:
+            gradient = gradient / fisher(scores)
+        return Estimate(
+            gradient=gradient,
+            baseline=baseline,
+            loss=float(losses.mean()),
+            weights=weights,
+            log_ratios=(log_prob_now - log_prob_then.to(log_prob_now.device)).float(),
+            clipped=clipped,
+        )
+
+    def update_baseline(self, losses: torch.Tensor) -> None:
+        value = float(losses.detach().float().mean())
+        if self.baseline is None:
+            self.baseline = value
+        else:
+            self.baseline = self.baseline_decay * self.baseline + (1.0 - self.baseline_decay) * value
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"baseline": self.baseline}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.baseline = state.get("baseline")

@@ -1,0 +1,155 @@
+"""Per-weight mask spaces: "unstructured" (Bernoulli per weight) and "N:M" (categorical per group).
+
+Units are the weights of the target linears (`find_prunable_layers`), laid out layer after layer in
+(out, in) order and flattened. N:M groups are M consecutive input weights of a row, matching
+`masks.nm_mask`. Sub-models are instantiated by writing W0 * m into the weights (`WeightMasker`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from optimum_sparse.architecture import find_prunable_layers, get_weight
+from optimum_sparse.config import SparsityConfig
+from optimum_sparse.masks import num_pruned, topk_mask
+from optimum_sparse.pg.distributions import BernoulliMasks, NMCategorical
+from optimum_sparse.pg.masking import WeightMasker
+from optimum_sparse.pg.projection import project_to_budget, sigmoid_to_budget, zscore
+from optimum_sparse.pg.space import MaskSpace
+
+
+class _WeightLayout:
+    """Names, shapes and flat offsets of the target weights."""
+
+    def __init__(self, model: nn.Module, config: SparsityConfig):
+        layers = [layer for group in find_prunable_layers(model, config).values() for layer in group]
+        self.modules = {layer.name: layer.module for layer in layers}
+        self.shapes = {name: tuple(get_weight(module).shape) for name, module in self.modules.items()}
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, shape in self.shapes.items():
+            self.offsets[name] = total
+            total += shape[0] * shape[1]
+        self.numel = total
+
+    def split(self, flat: torch.Tensor, per_unit: int = 1) -> dict[str, torch.Tensor]:
+        """Per-layer (out, in) views of a flat per-weight vector (`per_unit` entries per N:M group)."""
+        views = {}
+        for name, (rows, cols) in self.shapes.items():
+            start = self.offsets[name] // per_unit
+            views[name] = flat[start : start + rows * cols // per_unit]
+        return views
+
+
+@torch.no_grad()
+def _zero_outside(masker: WeightMasker, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Back to the dense weights, then zero them outside `masks` in place (keeps any refit done since)."""
+    masker.deactivate()
+    masker.remove()
+    for name, module in masker.modules.items():
+        weight = get_weight(module)
+        weight.mul_(masks[name].to(weight.device, weight.dtype))
+    return {name: mask.cpu() for name, mask in masks.items()}
+
+
+class UnstructuredSpace(MaskSpace):
+    """One Bernoulli keep-probability per weight; budget: sum(s) = (1 - sparsity) * #weights (global)."""
+
+    family = BernoulliMasks
+
+    def __init__(self, model: nn.Module, config: SparsityConfig, harden_scope: str = "global"):
+        self.layout = _WeightLayout(model, config)
+        self.sparsity = float(config.sparsity)
+        self.harden_scope = harden_scope
+        self.costs = torch.ones(self.layout.numel, dtype=torch.float64)
+        self.budget = (1.0 - self.sparsity) * self.layout.numel
+        self.masker = WeightMasker(self.layout.modules)
+
+    def initial_scores(self) -> torch.Tensor:
+        return torch.full((self.layout.numel,), 1.0 - self.sparsity)
+
+    def activate(self, sample: torch.Tensor) -> None:
+        self.masker.activate(self.weight_masks(sample))
+
+    def deactivate(self) -> None:
+        self.masker.deactivate()
+
+    def project(self, scores: torch.Tensor) -> torch.Tensor:
+        return project_to_budget(scores, self.costs.to(scores.device), self.budget)
+
+    def harden(self, scores: torch.Tensor) -> torch.Tensor:
+        flat = scores.detach().reshape(-1)
+        if self.harden_scope == "global":
+            keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+            kept = flat.numel() - num_pruned(flat.numel(), self.sparsity)
+            keep[torch.topk(flat, kept).indices] = True
+            return keep
+        parts = self.layout.split(flat)
+        masks = [
+            topk_mask(parts[name].reshape(shape), self.sparsity, "layer") for name, shape in self.layout.shapes.items()
+        ]
+        return torch.cat([mask.reshape(-1) for mask in masks])
+
+    def expected_sparsity(self, scores: torch.Tensor) -> float:
+        return 1.0 - float(scores.detach().double().clamp(0, 1).sum()) / self.layout.numel
+
+    def sparsity_of(self, sample: torch.Tensor) -> float:
+        return 1.0 - float(sample.reshape(-1).sum()) / self.layout.numel
+
+    def weight_masks(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = self.layout.split(sample.reshape(-1).bool())
+        return {name: parts[name].reshape(shape) for name, shape in self.layout.shapes.items()}
+
+    def finalize(self, hard: torch.Tensor) -> dict[str, torch.Tensor]:
+        return _zero_outside(self.masker, self.weight_masks(hard))
+
+    def init_from_metric(self, metric: torch.Tensor) -> torch.Tensor:
+        """sigmoid(z + tau), z-scored within each layer, tau putting sum(s) on the budget."""
+        z = torch.cat([zscore(part.double()) for part in self.layout.split(metric.detach().reshape(-1)).values()])
+        return sigmoid_to_budget(z, self.costs.to(z.device), self.budget).float()
+
+
+class NMSpace(MaskSpace):
+    """One categorical over the C(M, N) keep-patterns of every group of M consecutive input weights."""
+
+    def __init__(self, model: nn.Module, config: SparsityConfig, temperature: float = 1.0):
+        assert config.nm is not None, "NMSpace needs an N:M pattern"
+        self.n, self.m = config.nm
+        self.family = NMCategorical(self.n, self.m)
+        self.layout = _WeightLayout(model, config)
+        self.num_groups = self.layout.numel // self.m
+        self.temperature = temperature
+        self.masker = WeightMasker(self.layout.modules)
+
+    def initial_scores(self) -> torch.Tensor:
+        return torch.zeros(self.num_groups, self.family.num_patterns)
+
+    def activate(self, sample: torch.Tensor) -> None:
+        self.masker.activate(self.weight_masks(sample))
+
+    def deactivate(self) -> None:
+        self.masker.deactivate()
+
+    def harden(self, scores: torch.Tensor) -> torch.Tensor:
+        return self.family.mode(scores)
+
+    def expected_sparsity(self, scores: torch.Tensor) -> float:
+        return 1.0 - self.n / self.m
+
+    def sparsity_of(self, sample: torch.Tensor) -> float:
+        return 1.0 - self.n / self.m
+
+    def weight_masks(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:
+        flat = self.family.to_mask(sample.reshape(-1)).reshape(-1)
+        parts = self.layout.split(flat)
+        return {name: parts[name].reshape(shape) for name, shape in self.layout.shapes.items()}
+
+    def finalize(self, hard: torch.Tensor) -> dict[str, torch.Tensor]:
+        return _zero_outside(self.masker, self.weight_masks(hard))
+
+    def init_from_metric(self, metric: torch.Tensor) -> torch.Tensor:
+        """Pattern logits = temperature * sum of the z-scored metric (per layer) over the pattern's weights."""
+        z = torch.cat([zscore(part.double()) for part in self.layout.split(metric.detach().reshape(-1)).values()])
+        groups = z.float().reshape(self.num_groups, self.m)
+        return self.temperature * groups @ self.family.patterns.to(groups.device).float().t()
