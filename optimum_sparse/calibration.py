@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Sequence
 from typing import Union
 
@@ -81,15 +82,22 @@ def tokenize(text: str, tokenizer) -> torch.Tensor:
 
 
 def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """`num_samples` windows of `seq_len` tokens at seeded random offsets."""
+    """`num_samples` windows of `seq_len` tokens at seeded random offsets.
+
+    Offsets are drawn as `random.Random(seed).randint(0, tokens - seq_len - 1)`, the convention of the
+    SparseGPT and Wanda reference code, so that a given seed selects the same windows as those tools
+    on the same token stream (calibration windows alone move perplexity by a few percent at 70%).
+    """
+    ids = ids.reshape(-1)
     if ids.numel() < seq_len:
         raise ValueError(
             f"calibration text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}; give more "
             "text or a smaller seq_len"
         )
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=generator)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    rng = random.Random(seed)
+    last = max(ids.numel() - seq_len - 1, 0)
+    starts = [rng.randint(0, last) for _ in range(num_samples)]
+    return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
 @torch.no_grad()
