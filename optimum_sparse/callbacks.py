@@ -51,16 +51,20 @@ def _mask_gradient(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     return grad if mask is None else grad.masked_fill(~mask, 0)
 
 
+def masked_target(model: nn.Module, name: str, mask: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """The module `name` and its (out, in) weight view, after checking that `mask` has the weight's shape."""
+    module = resolve_module(model, name)
+    weight = get_weight(module)
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(f"mask for {name} has shape {list(mask.shape)} but the weight is {list(weight.shape)} (out, in)")
+    return module, weight
+
+
 def register_mask_buffers(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[nn.Module]:
     """Attach each (out, in) mask to its module as the `sparse_mask` buffer plus a gradient-masking hook."""
     modules = []
     for name, mask in masks.items():
-        module = resolve_module(model, name)
-        weight = get_weight(module)
-        if tuple(mask.shape) != tuple(weight.shape):
-            raise ValueError(
-                f"mask for {name} has shape {list(mask.shape)} but the weight is {list(weight.shape)} (out, in)"
-            )
+        module, _ = masked_target(model, name, mask)
         stored = (mask.t() if is_transposed(module) else mask).to(device=module.weight.device, dtype=torch.bool)
         stored = stored.contiguous()
         if MASK_BUFFER in module._buffers:

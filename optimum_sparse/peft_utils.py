@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from optimum_sparse.architecture import get_weight
-from optimum_sparse.callbacks import apply_mask_buffers, masked_modules, resolve_module, weight_module
+from optimum_sparse.callbacks import apply_mask_buffers, masked_modules, masked_target, weight_module
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,6 @@ def merge_and_mask(peft_model: nn.Module, masks=None, **merge_kwargs) -> nn.Modu
         return merged
     with torch.no_grad():
         for name, mask in masks.items():
-            module = resolve_module(merged, name)
-            weight = get_weight(module)
-            if tuple(mask.shape) != tuple(weight.shape):
-                raise ValueError(
-                    f"mask for {name} has shape {list(mask.shape)} but the merged weight is {list(weight.shape)}"
-                )
+            _, weight = masked_target(merged, name, mask)
             weight.masked_fill_(~mask.to(weight.device, torch.bool), 0)
     return merged

@@ -195,5 +195,5 @@ def test_saving_with_unmerged_adapters_is_refused_and_saving_the_merged_model_wo
 def test_merge_and_mask_rejects_masks_of_the_wrong_shape(tmp_path):
     sparse = _pruned()
     peft_model = _lora(sparse.model)
-    with pytest.raises(ValueError, match=r"has shape \[4, 4\] but the merged weight is \[32, 32\]"):
+    with pytest.raises(ValueError, match=r"has shape \[4, 4\] but the weight is \[32, 32\]"):
         merge_and_mask(peft_model, {"model.layers.0.self_attn.q_proj": torch.ones(4, 4, dtype=torch.bool)})
