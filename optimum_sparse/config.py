@@ -41,6 +41,8 @@ STRUCTURED_PATTERNS = ("channels",)
 PG_PRECONDITIONERS = ("fisher", "adam")
 PG_INITS = ("wanda", "uniform")
 PG_OBJECTIVES = ("lm",)
+#: how sampled channel sub-models are instantiated during training (weight patterns are always masked)
+PG_SUBMODELS = ("sliced", "masked")
 HARDEN_SCOPES = ("global", "layer")
 
 #: per-layer solvers SparseLLM may use for the attention projections and inside its MLP updates
@@ -114,6 +116,8 @@ class SparsityConfig:
         baseline_decay: (pg) decay of the loss baseline's exponential moving average.
         harden_scope: (pg) final masks keep the top keep-probabilities "global"ly under the budget
             or within each "layer" (each MLP / attention module, or linear) at the same sparsity.
+        pg_submodels: (pg, pattern "channels") "sliced": each sampled sub-model is built once as
+            smaller dense layers and reused while stale; "masked": forward hooks zero the units.
     """
 
     method: str = "sparsegpt"
@@ -156,6 +160,7 @@ class SparsityConfig:
     pg_objective: str = "lm"
     baseline_decay: float = 0.9
     harden_scope: str = "global"
+    pg_submodels: str = "sliced"
 
     def __post_init__(self) -> None:
         from optimum_sparse.solvers import available_methods
@@ -256,6 +261,7 @@ class SparsityConfig:
             "init": PG_INITS,
             "pg_objective": PG_OBJECTIVES,
             "harden_scope": HARDEN_SCOPES,
+            "pg_submodels": PG_SUBMODELS,
             "final_weight_update": (None, "admm"),
         }
         for name, allowed in choices.items():

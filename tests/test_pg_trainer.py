@@ -5,45 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import SEQ_LEN, build_model
-from transformers import Trainer, TrainingArguments
+from pg_helpers import Windows, make_trainer
+from transformers import Trainer
 
 from optimum_sparse import SparsityCallback, SparsityConfig
 from optimum_sparse.calibration import sample_windows, tokenize
 from optimum_sparse.masks import is_valid_nm
 
 
-class _Windows(torch.utils.data.Dataset):
-    def __init__(self, ids: torch.Tensor):
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "labels": self.ids[index].clone()}
-
-
 @pytest.fixture
-def dataset(tokenizer, calibration_text) -> _Windows:
-    return _Windows(sample_windows(tokenize(calibration_text, tokenizer), 16, SEQ_LEN, seed=0))
+def dataset(tokenizer, calibration_text) -> Windows:
+    return Windows(sample_windows(tokenize(calibration_text, tokenizer), 16, SEQ_LEN, seed=0))
 
 
 def _trainer(model, dataset, callback, tmp_path, steps: int = 4, **overrides) -> Trainer:
-    args = dict(
-        output_dir=str(tmp_path),
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        learning_rate=0.05,
-        optim="sgd",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    args.update(overrides)
-    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=dataset, callbacks=[callback])
+    return make_trainer(model, dataset, callback, tmp_path, steps, **overrides)
 
 
 def test_trainer_learns_channel_scores(dataset, tmp_path):

@@ -1,8 +1,9 @@
 """Mask learning by policy gradients on stale sub-models (ICLR 2025 submission 5866): see docs/mask_learning.md.
 
 distributions (Bernoulli / N:M categorical masks), estimator (score-function gradient, importance
-weights, surrogate loss), projection (budget), units / masking / slicing (channel sub-models),
-spaces (channels, unstructured, N:M), wanda_init, learner, wiring (Trainer integration), callback.
+weights, surrogate loss), projection (budget), units / masking / slicing / instances (channel
+sub-models), spaces (channels, unstructured, N:M), wanda_init, learner, wiring (Trainer integration),
+distributed (several processes), checkpointing (resume), callback.
 """
 
 from optimum_sparse.pg.callback import SparsityCallback, build_space

@@ -13,7 +13,10 @@ the parameter budget; at the end the top of s becomes the hard mask. Usage::
     trainer.train()          # the model ends pruned; callback.masks holds the (out, in) keep-masks
 
 The callback prepares the model when the Trainer finishes its __init__ (`on_init_end`), before the
-optimizer exists; call `callback.prepare(model)` yourself to prepare it earlier. See
+optimizer exists; call `callback.prepare(model)` yourself to prepare it earlier. Under
+`accelerate launch` / `torchrun` each process samples its own sub-models and DDP averages the score
+gradients (`distributed.py`). Checkpoints saved by the Trainer carry the learner's state
+(`checkpointing.py`), and `trainer.train(resume_from_checkpoint=...)` continues exactly. See
 docs/mask_learning.md for what each setting does.
 """
 
@@ -30,7 +33,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from optimum_sparse.config import SparsityConfig
-from optimum_sparse.pg import wiring
+from optimum_sparse.pg import checkpointing, distributed, wiring
 from optimum_sparse.pg.channel_space import ChannelSpace
 from optimum_sparse.pg.estimator import ScoreFunctionEstimator
 from optimum_sparse.pg.learner import StaleSubModelLearner
@@ -46,7 +49,9 @@ CALIBRATION_KEYS = ("input_ids", "attention_mask")
 def build_space(model: nn.Module, config: SparsityConfig) -> MaskSpace:
     """The mask space of `config.pattern`: channels, N:M, or unstructured."""
     if config.pattern == "channels":
-        return ChannelSpace(model, config.sparsity, config.harden_scope)
+        return ChannelSpace(
+            model, config.sparsity, config.harden_scope, config.pg_submodels, capacity=config.samples_per_step + 1
+        )
     if config.nm is not None:
         return NMSpace(model, config)
     return UnstructuredSpace(model, config, config.harden_scope)
@@ -76,6 +81,7 @@ class SparsityCallback(TrainerCallback):
         self.hard_mask: torch.Tensor | None = None
         self._initialised = config.init == "uniform"
         self._logged_upto = 0
+        self._resume_from: str | None = None
 
     # ---------------------------------------------------------------- setup
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -134,6 +140,28 @@ class SparsityCallback(TrainerCallback):
                 break
         return batches
 
+    def resume_from(self, checkpoint: str) -> None:
+        """Read the learner state from `checkpoint` when training resumes (by default the Trainer's
+        `output_dir/checkpoint-<global step>`; call this when resuming from a folder elsewhere)."""
+        self._resume_from = checkpoint
+
+    def _restore(self, args, state) -> None:
+        directory = self._resume_from or checkpointing.checkpoint_dir(args.output_dir, state.global_step)
+        saved = checkpointing.load_state(directory, distributed.rank())
+        if saved is None:
+            logger.warning(
+                "resuming at step %d without a mask-learning state in %s: the scores come from the model "
+                "checkpoint, the baseline and samples start afresh (call callback.resume_from(<checkpoint>))",
+                state.global_step,
+                directory,
+            )
+            self._initialised = True
+            return
+        self.learner.load_state_dict(saved)
+        self._logged_upto = len(self.learner.history)
+        self._initialised = True
+        logger.info("restored the mask-learning state of step %d from %s", self.learner.step, directory)
+
     # ---------------------------------------------------------------- Trainer events
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -146,10 +174,20 @@ class SparsityCallback(TrainerCallback):
             logger.info("preconditioner='fisher' is meant for optim='sgd'; %s adapts the step size itself", args.optim)
         # each process samples its own sub-models; DDP averages the score gradients
         self.learner.generator.manual_seed(self.config.seed + int(getattr(args, "process_index", 0)))
+        if state.global_step > 0:
+            self._restore(args, state)
         if not self._initialised:
             device = self.learner.scores.device
             self.initialise(self._calibration_batches(train_dataloader, device))
+            distributed.synchronise(self.learner.scores)  # ranks calibrated on different batches
         self.model.train()
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.learner is None or self.masks is not None:
+            return
+        directory = checkpointing.checkpoint_dir(args.output_dir, state.global_step)
+        path = checkpointing.save_state(directory, distributed.rank(), self.learner.state_dict())
+        logger.debug("saved the mask-learning state to %s", path)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.learner.project()
@@ -234,4 +272,5 @@ def _summarise(entries: list[dict[str, float]]) -> dict[str, Any]:
         "pg_clipped_fraction": mean("clipped_fraction"),
         "pg_expected_sparsity": last["expected_sparsity"],
         "pg_refreshes": last["refreshes"],
+        **{f"pg_{key}": last[key] for key in ("instantiations", "instantiation_seconds") if key in last},
     }

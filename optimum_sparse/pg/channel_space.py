@@ -2,7 +2,9 @@
 
 The budget is counted in parameters: sum_i c_i s_i = (1 - sparsity) * sum_i c_i with c_i the
 weights (and output biases) a unit owns, so the expected sub-model has the requested size whatever
-the mix of channels and heads. Sub-models are instantiated by masking (hooks, `ChannelMasker`); the
+the mix of channels and heads. Sampled sub-models are instantiated as physically smaller layers,
+built once per sample and reused while it is stale (`submodels="sliced"`, `instances.SlicedSubModels`),
+or by masking the dense layers' inputs with hooks (`submodels="masked"`, `masking.ChannelMasker`); the
 final mask can also be sliced out (`slice_model`) for a smaller dense model.
 """
 
@@ -13,6 +15,7 @@ from torch import nn
 
 from optimum_sparse.architecture import get_weight
 from optimum_sparse.pg.distributions import BernoulliMasks
+from optimum_sparse.pg.instances import SlicedSubModels
 from optimum_sparse.pg.masking import ChannelMasker
 from optimum_sparse.pg.projection import (
     budget_of,
@@ -28,19 +31,39 @@ from optimum_sparse.pg.units import find_channel_groups, unit_costs
 
 
 class ChannelSpace(MaskSpace):
-    """Bernoulli masks over channel units; `harden_scope` "global" or "layer" (each group alike)."""
+    """Bernoulli masks over channel units.
+
+    Args:
+        model: the dense model (its channel groups are found once, here).
+        sparsity: fraction of the groups' parameters to remove.
+        harden_scope: "global" or "layer" (each group at the same sparsity).
+        submodels: "sliced" (smaller layers swapped in, `capacity` of them cached) or "masked" (hooks).
+        capacity: how many sliced sub-models stay cached (samples per step plus one for the hard mask).
+    """
 
     family = BernoulliMasks
     unit_name = "channels/heads"
 
-    def __init__(self, model: nn.Module, sparsity: float, harden_scope: str = "global"):
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        harden_scope: str = "global",
+        submodels: str = "sliced",
+        capacity: int = 2,
+    ):
+        if submodels not in ("sliced", "masked"):
+            raise ValueError(f"submodels must be 'sliced' or 'masked', got {submodels!r}")
         self.groups = find_channel_groups(model)
         self.costs = unit_costs(self.groups)
         self.sparsity = sparsity
         self.budget = budget_of(self.costs, sparsity)
         self.harden_scope = harden_scope
         self.num_units = int(self.costs.numel())
-        self.masker = ChannelMasker(self.groups)
+        self.submodels = submodels
+        self.masker: ChannelMasker | SlicedSubModels = (
+            SlicedSubModels(self.groups, capacity) if submodels == "sliced" else ChannelMasker(self.groups)
+        )
         # hardening always keeps one KV group per attention module (a layer without heads cannot be sliced)
         self._attention = [g for g in self.groups if g.kind == "attention"]
 
@@ -52,6 +75,12 @@ class ChannelSpace(MaskSpace):
 
     def deactivate(self) -> None:
         self.masker.deactivate()
+
+    def instantiation_stats(self) -> dict[str, float]:
+        """Sliced sub-models built so far and the seconds spent building them (empty when masking)."""
+        if isinstance(self.masker, SlicedSubModels):
+            return {"instantiations": float(self.masker.instantiations), "instantiation_seconds": self.masker.seconds}
+        return {}
 
     def project(self, scores: torch.Tensor) -> torch.Tensor:
         return project_to_budget(scores, self.costs.to(scores.device), self.budget)

@@ -6,13 +6,16 @@ remembers log p at that moment; in between it reuses them (stale sub-models, ICL
 5866). `run()` evaluates the active sub-model's loss without building a graph; the returned
 surrogate has that loss as value and the reweighted score-function estimate as its gradient w.r.t.
 the scores. The callback calls `end_step()` after each optimizer step and `project()` to put the
-scores back on the budget.
+scores back on the budget. `state_dict()` / `load_state_dict()` carry everything the next steps depend
+on (scores, baseline, stale samples and their log-probabilities, step counters, the sampler's RNG
+state, history), so training resumed from a checkpoint continues exactly.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,6 +130,7 @@ class StaleSubModelLearner:
                 )
         entry["expected_sparsity"] = self.space.expected_sparsity(self.scores.detach())
         entry["refreshes"] = float(self.refreshes)
+        entry.update(self.space.instantiation_stats())
         entry["step"] = float(self.step)
         self.history.append(entry)
         self._pending.clear()
@@ -135,3 +139,40 @@ class StaleSubModelLearner:
 
     def hard_mask(self) -> torch.Tensor:
         return self.space.harden(self.scores.detach())
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the following steps depend on, on the CPU (for `torch.save`)."""
+
+        def cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.detach().cpu().clone()
+
+        return {
+            "scores": cpu(self.scores),
+            "estimator": self.estimator.state_dict(),
+            "samples": cpu(self.samples),
+            "log_prob_then": cpu(self.log_prob_then),
+            "sampled_at": self.sampled_at,
+            "step": self.step,
+            "refreshes": self.refreshes,
+            "generator": self.generator.get_state(),
+            "history": [dict(entry) for entry in self.history],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; the next forward re-activates the restored stale sample."""
+        device = self.scores.device
+        self.scores.copy_(state["scores"].to(device))
+        self.estimator.load_state_dict(state["estimator"])
+        samples, log_prob_then = state["samples"], state["log_prob_then"]
+        self.samples = None if samples is None else samples.to(device)
+        self.log_prob_then = None if log_prob_then is None else log_prob_then.to(device)
+        self.sampled_at = int(state["sampled_at"])
+        self.step = int(state["step"])
+        self.refreshes = int(state["refreshes"])
+        if state["generator"] is not None:
+            self.generator.set_state(state["generator"])
+        self.history = [dict(entry) for entry in state["history"]]
+        self._pending.clear()
+        self.deactivate()

@@ -50,26 +50,29 @@ def slice_layer(layer: nn.Module, rows: torch.Tensor | None = None, cols: torch.
     return new
 
 
-def _slice_units(unit_slice: UnitSlice, kept: torch.Tensor) -> None:
+def slice_units(unit_slice: UnitSlice, kept: torch.Tensor, layer: nn.Module | None = None) -> nn.Module:
+    """A copy of `layer` (default: the slice's current layer) keeping the features of units `kept`."""
     features = unit_slice.indices(kept)
-    layer = unit_slice.layer
-    new = slice_layer(layer, rows=features) if unit_slice.side == "out" else slice_layer(layer, cols=features)
-    setattr(unit_slice.owner, unit_slice.attr, new)
+    layer = unit_slice.layer if layer is None else layer
+    return slice_layer(layer, rows=features) if unit_slice.side == "out" else slice_layer(layer, cols=features)
 
 
-def _update_attributes(group: ChannelGroup, kept_units: int) -> None:
+def group_attributes(group: ChannelGroup, kept_units: int) -> dict[str, int]:
+    """The size attributes the group's module must carry once `kept_units` units remain (those it has)."""
     module = group.module
     if group.kind == "mlp":
-        if hasattr(module, "intermediate_size"):
-            module.intermediate_size = kept_units
-        return
-    heads = kept_units * group.heads_per_unit
-    if hasattr(module, "num_heads"):
-        module.num_heads = heads
-    if hasattr(module, "num_key_value_heads"):
-        module.num_key_value_heads = kept_units
-    if group.extra.get("fused_qkv") and hasattr(module, "split_size"):
-        module.split_size = heads * group.extra["head_dim"]
+        values = {"intermediate_size": kept_units}
+    else:
+        heads = kept_units * group.heads_per_unit
+        values = {"num_heads": heads, "num_key_value_heads": kept_units}
+        if group.extra.get("fused_qkv"):
+            values["split_size"] = heads * group.extra["head_dim"]
+    return {name: value for name, value in values.items() if hasattr(module, name)}
+
+
+def set_attributes(group: ChannelGroup, values: dict[str, int]) -> None:
+    for name, value in values.items():
+        setattr(group.module, name, value)
 
 
 @torch.no_grad()
@@ -86,8 +89,8 @@ def slice_channels(groups: Sequence[ChannelGroup], keep: torch.Tensor) -> dict[s
         if group.kind == "attention" and kept.numel() == 0:
             raise ValueError(f"{group.name}: every KV group is pruned; keep at least one per attention module")
         for unit_slice in group.slices:
-            _slice_units(unit_slice, kept)
-        _update_attributes(group, kept.numel())
+            setattr(unit_slice.owner, unit_slice.attr, slice_units(unit_slice, kept))
+        set_attributes(group, group_attributes(group, kept.numel()))
         kept_counts[group.name] = int(kept.numel())
     logger.info("sliced %d channel groups: %s", len(kept_counts), kept_counts)
     return kept_counts

@@ -40,6 +40,10 @@ class MaskSpace(ABC):
     def deactivate(self) -> None:
         """Back to the dense model."""
 
+    def instantiation_stats(self) -> dict[str, float]:
+        """Counters of the sub-model instantiations that are worth logging (none by default)."""
+        return {}
+
     def project(self, scores: torch.Tensor) -> torch.Tensor:
         """Scores moved back onto the feasible set after an optimizer step (identity by default)."""
         return scores

@@ -12,6 +12,14 @@
   The replacement keeps the original signature (`functools.wraps`), which the Trainer inspects to
   decide which dataset columns to keep.
 
+Checkpoints: a state-dict pre-hook puts the dense layers / weights back before the model's state dict
+is taken, so a Trainer checkpoint holds the dense model (not the sliced or masked sample of the moment)
+plus `pg_mask_scores.scores`; the next training forward re-activates the stale sample.
+
+Several processes: DistributedDataParallel wraps the prepared model; its only trainable parameters
+are the scores, which the surrogate loss always reaches, so DDP all-reduces (averages) the score
+gradients of the ranks' different sub-models whether or not `find_unused_parameters` is set.
+
 Gradient accumulation: when the Trainer passes `num_items_in_batch` it does not divide the loss by
 the accumulation steps itself; the surrogate is then scaled by this micro-batch's share of the
 label tokens, so the accumulated gradient is the token-weighted mean of the micro-batch estimates.
@@ -72,6 +80,7 @@ def install(model: nn.Module, learner: StaleSubModelLearner) -> None:
 
     model.forward = forward
     model._pg_original_forward = original
+    model._pg_state_dict_hook = model.register_state_dict_pre_hook(lambda *_: learner.deactivate())
 
 
 def _evaluate(model: nn.Module, learner: StaleSubModelLearner, original, args: tuple, kwargs: dict):
@@ -94,6 +103,9 @@ def uninstall(model: nn.Module) -> None:
     if "forward" in model.__dict__:
         del model.forward
     model.__dict__.pop("_pg_original_forward", None)
+    hook = model.__dict__.pop("_pg_state_dict_hook", None)
+    if hook is not None:
+        hook.remove()
     model._modules.pop(SCORES_ATTRIBUTE, None)
     trainable = model.__dict__.pop("_pg_trainable", set())
     for name, parameter in model.named_parameters():
