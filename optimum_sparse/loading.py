@@ -60,6 +60,28 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto") from None
 
 
+def forget_gguf_quantizer(model) -> None:
+    """Make a model loaded from a .gguf file saveable like any other.
+
+    transformers dequantises GGUF weights to the requested dtype but leaves a GGUF quantizer on the
+    model, and `save_pretrained` then refuses to write it. The weights are plain tensors already, so
+    the marker is dropped (the saved checkpoint is an ordinary dense one).
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)).lower() != "gguf":
+        return
+    model.hf_quantizer = None
+    for attribute in ("is_quantized", "quantization_method"):
+        if hasattr(model, attribute):
+            try:
+                setattr(model, attribute, False if attribute == "is_quantized" else None)
+            except AttributeError:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_model_and_tokenizer(model: str | None = None, dtype: str | torch.dtype | None = "float32", **kwargs):
     """(model, tokenizer) from a Hub id, a local directory (compact checkpoints too), a .gguf file, or SmolLM2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,5 +101,6 @@ def load_model_and_tokenizer(model: str | None = None, dtype: str | torch.dtype 
     logger.info("loading %s", source)
     tokenizer = AutoTokenizer.from_pretrained(path, **{k: v for k, v in extra.items() if k == "gguf_file"})
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **extra)
+    forget_gguf_quantizer(loaded)
     loaded.eval()
     return loaded, tokenizer

@@ -548,7 +548,7 @@ class SparseModel(nn.Module):
     def _prune_pretrained(cls, path, config, calibration, tokenizer, show_progress, hf_kwargs) -> SparseModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from optimum_sparse.loading import _split_gguf, check_model_reference, resolve_dtype
+        from optimum_sparse.loading import _split_gguf, check_model_reference, forget_gguf_quantizer, resolve_dtype
         from optimum_sparse.sequential import prune
 
         check_model_reference(path)
@@ -557,6 +557,7 @@ class SparseModel(nn.Module):
         kwargs["dtype"] = resolve_dtype(kwargs.get("dtype", "float32"))
         logger.info("loading %s", path)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        forget_gguf_quantizer(model)
         model.eval()
         if tokenizer is None:
             try:

@@ -449,3 +449,23 @@ def test_cli_prune_compact_output_loads_with_sparse_model_and_cli_eval(saved_lla
 def test_cli_compact_without_output_is_an_input_error(saved_llama, capsys):
     assert cli.main(["prune", "--model", saved_llama, "--method", "magnitude", "--compact", "--no-progress"]) == 2
     assert "--compact describes how --output is saved" in capsys.readouterr().err
+
+
+def test_a_model_dequantised_from_gguf_saves_like_a_plain_model(tmp_path):
+    """transformers leaves a GGUF quantizer on dequantised models and refuses to save them; we drop it."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optimum_sparse.loading import forget_gguf_quantizer
+
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"))
+    model.config.quantization_config = {"quant_method": "gguf"}
+    forget_gguf_quantizer(model)
+    assert model.hf_quantizer is None
+    assert not hasattr(model.config, "quantization_config")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
