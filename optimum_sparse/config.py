@@ -48,6 +48,19 @@ HARDEN_SCOPES = ("global", "layer")
 #: per-layer solvers SparseLLM may use for the attention projections and inside its MLP updates
 INNER_SOLVERS = ("admm", "sparsegpt")
 
+def _finite_positive(value) -> bool:
+    """A real number (not a bool) in (0, inf)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+
+
+def _check_positive_ints(config, names: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the first of `names` that is not an integer >= 1."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 DEFAULT_IGNORE = (r"(^|\.)lm_head$", r"embed", r"(^|\.)wte$", r"(^|\.)wpe$")
 
 
@@ -196,10 +209,9 @@ class SparsityConfig:
         self.sparsity = float(self.sparsity)
         if self.mask_scope not in (None, "row", "layer"):
             raise ValueError(f"mask_scope must be None, 'row' or 'layer', got {self.mask_scope!r}")
-        for name in ("num_samples", "seq_len", "block_size", "admm_iterations", "admm_gradual_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive_ints(
+            self, ("num_samples", "seq_len", "block_size", "admm_iterations", "admm_gradual_steps", "sparsellm_iterations")
+        )
         steps = self.admm_cg_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"admm_cg_steps must be a non-negative integer (0: no CG polish), got {steps!r}")
@@ -217,18 +229,15 @@ class SparsityConfig:
             raise ValueError(f"mask_init must be 'magnitude' or 'wanda', got {self.mask_init!r}")
         if self.weight_update not in (None, "admm"):
             raise ValueError(f"weight_update must be None or 'admm', got {self.weight_update!r}")
-        iterations = self.sparsellm_iterations
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"sparsellm_iterations must be a positive integer, got {iterations!r}")
         for name in ("alpha", "beta", "gamma"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            if not _finite_positive(value):
                 raise ValueError(f"{name} (a SparseLLM objective weight) must be a finite number > 0, got {value!r}")
             setattr(self, name, float(value))
         if self.inner_solver not in INNER_SOLVERS:
             raise ValueError(f"inner_solver must be one of {list(INNER_SOLVERS)}, got {self.inner_solver!r}")
         limit = self.sparsellm_max_memory_gb
-        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < float("inf"):
+        if not _finite_positive(limit):
             raise ValueError(f"sparsellm_max_memory_gb must be a finite number of GiB > 0, got {limit!r}")
         self.sparsellm_max_memory_gb = float(limit)
         self._validate_pg()
@@ -248,10 +257,7 @@ class SparsityConfig:
                     raise ValueError(f"{name}: {regex!r} is not a valid regular expression ({err})") from err
 
     def _validate_pg(self) -> None:
-        for name in ("refresh_every", "samples_per_step"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive_ints(self, ("refresh_every", "samples_per_step"))
         clip = self.clip
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 1.0:
             raise ValueError(f"clip bounds importance ratios to [1/clip, clip]: a number >= 1 (or inf), got {clip!r}")
