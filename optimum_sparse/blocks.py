@@ -61,12 +61,49 @@ class BlockInputs:
             device = self.hidden[0].device
             self.args, self.kwargs = _to(self.per_block[index][0], device), _to(self.per_block[index][1], device)
 
+    #: most tokens per batched block call when replaying the windows (`run_windows`); 0 disables batching
+    batch_tokens: int = 8192
+
     def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if self.hidden_in_kwargs:
             out = block(*self.args, hidden_states=hidden, **self.kwargs)
         else:
             out = block(hidden, *self.args, **self.kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+    def run_windows(self, block: nn.Module, windows: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Run calibration windows (default: all) through `block`; one output per window, in order.
+
+        Windows of equal shape are stacked along the batch axis, up to `batch_tokens` tokens per call:
+        a few large matrix products are markedly faster than many small ones on CPU. The recorded
+        extra arguments (attention mask, rotary tables) have batch size 1 and broadcast. Should a
+        block refuse a batch, or answer with the wrong shape, batching is switched off for this run
+        and the windows go one by one (the results are the same either way).
+        """
+        windows = self.hidden if windows is None else windows
+        per_call = self._windows_per_call(windows)
+        if per_call > 1:
+            try:
+                outputs = []
+                for start in range(0, len(windows), per_call):
+                    chunk = torch.cat(windows[start : start + per_call])
+                    out = self.run(block, chunk)
+                    if out.shape != chunk.shape:
+                        raise ValueError(f"batched block output {tuple(out.shape)} != input {tuple(chunk.shape)}")
+                    outputs.extend(out.split([w.shape[0] for w in windows[start : start + per_call]]))
+                return outputs
+            except Exception as error:  # noqa: BLE001 - any failure means: do not batch this model
+                logger.debug("batched block call failed (%s); running windows one at a time", error)
+                self.batch_tokens = 0
+        return [self.run(block, hidden) for hidden in windows]
+
+    def _windows_per_call(self, windows: list[torch.Tensor]) -> int:
+        if self.batch_tokens <= 0 or len(windows) < 2:
+            return 1
+        shape = windows[0].shape
+        if len(shape) != 3 or shape[0] != 1 or any(w.shape != shape for w in windows):
+            return 1
+        return max(1, min(len(windows), self.batch_tokens // shape[1]))
 
 
 @torch.no_grad()
@@ -159,8 +196,7 @@ def collect_statistics(
         stats.update({layer.name: shared for layer in group})
         handles.append(group[0].module.register_forward_hook(lambda m, i, o, s=shared: s.update(i[0])))
     try:
-        for hidden in inputs.hidden:
-            inputs.run(block, hidden)
+        inputs.run_windows(block)
     finally:
         for h in handles:
             h.remove()
@@ -285,8 +321,7 @@ class BlockContext:
             handles.append(module.register_forward_hook(hook))
         windows = self.inputs.hidden if max_windows is None else self.inputs.hidden[:max_windows]
         try:
-            for hidden in windows:
-                self.inputs.run(self.block, hidden)
+            self.inputs.run_windows(self.block, windows)
         finally:
             for h in handles:
                 h.remove()

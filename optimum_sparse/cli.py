@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="prune a model one-shot, optionally evaluate and save it")
     _add_model_args(prune)
-    prune.add_argument("--method", default="sparsegpt", help=f"one of {available_methods()}")
+    prune.add_argument(
+        "--method", default=None, help=f"one of {available_methods()} (default: --config's method, else sparsegpt)"
+    )
     prune.add_argument("--sparsity", type=_sparsity_arg, default={"sparsity": 0.5}, help="0.5 (fraction) or 2:4 (N:M)")
     prune.add_argument("--config", default=None, help="a sparsity_config.json (or its directory) to start from")
     prune.add_argument(
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> SparsityConfig:
     """Merge a --config file (if any) with the flags given; flags win."""
-    base = SparsityConfig.from_pretrained(args.config).to_dict() if args.config else {}
+    base = SparsityConfig.from_pretrained(args.config).to_dict() if args.config else {"method": "sparsegpt"}
     overrides = {
         "method": args.method,
         "num_samples": args.num_samples,

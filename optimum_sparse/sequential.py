@@ -139,7 +139,7 @@ def prune(
             else:
                 _prune_block_layerwise(context, solver, config.sequential_update, fixed_masks)
             with torch.no_grad():
-                inputs.hidden = [inputs.run(block, hidden) for hidden in inputs.hidden]
+                inputs.hidden = inputs.run_windows(block)
             block.to(home)
             if on_block_done:
                 on_block_done(index)

@@ -113,6 +113,19 @@ def test_prune_nm_from_a_config_file(saved_llama, text_file, tmp_path, capsys):
     assert all(value == pytest.approx(0.5) for value in layers.values())
 
 
+def test_config_file_method_and_options_survive_the_default_flags(tmp_path):
+    """A --config naming admm keeps admm and its options unless --method is given on the command line."""
+    SparsityConfig(method="admm", admm_rho=1.0, dampening=0.1).save_pretrained(tmp_path / "cfg")
+    parser = cli.build_parser()
+    from_file = cli.config_from_args(parser.parse_args(["prune", "--config", os.fspath(tmp_path / "cfg")]))
+    assert (from_file.method, from_file.admm_rho, from_file.dampening) == ("admm", 1.0, 0.1)
+    flagged = cli.config_from_args(
+        parser.parse_args(["prune", "--config", os.fspath(tmp_path / "cfg"), "--method", "wanda"])
+    )
+    assert flagged.method == "wanda" and flagged.dampening == 0.1
+    assert cli.config_from_args(parser.parse_args(["prune"])).method == "sparsegpt"
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

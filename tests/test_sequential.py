@@ -50,8 +50,11 @@ def test_engine_activations_equal_a_forward_of_the_pruned_model(arch, method, wi
         prune(model, _config(method), windows, show_progress=False)
     finally:
         remove()
-    # the last block ran at least once per window for statistics, then once more, pruned, to produce its
-    # outputs: those final runs are the last len(windows) calls
+    # the engine stacks windows into batched calls: split every recorded call back into windows. The last
+    # block ran at least once per window for statistics, then once more, pruned, to produce its outputs:
+    # those final runs are the last len(windows) windows
+    engine_in = [window for call in engine_in for window in call.split(1)]
+    engine_out = [window for call in engine_out for window in call.split(1)]
     assert len(engine_out) >= 2 * len(windows)
     assert len(engine_in) >= len(engine_out)
     direct_in, direct_out, remove = _record_block(blocks[-1])
@@ -226,3 +229,39 @@ def test_on_block_done_is_called_once_per_block_in_order(windows):
     seen = []
     prune(build_model("qwen2"), _config(), windows, show_progress=False, on_block_done=seen.append)
     assert seen == [0, 1]
+
+
+def test_batched_window_replay_matches_one_window_at_a_time(arch, windows):
+    """run_windows stacks windows into one block call; every architecture gives the per-window result."""
+    model = build_model(arch)
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, windows, torch.device("cpu"))
+    inputs.use_block(0)
+    with torch.no_grad():
+        one_by_one = [inputs.run(blocks[0], h) for h in inputs.hidden]
+        batched = inputs.run_windows(blocks[0])
+    assert inputs.batch_tokens > 0, "batching fell back to one window per call"
+    assert len(batched) == len(one_by_one) == len(windows)
+    for mine, theirs in zip(batched, one_by_one):
+        assert mine.shape == theirs.shape
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_window_replay_falls_back_when_a_block_refuses_batches(windows):
+    """A block that only takes batch size 1 still gets every window, one at a time."""
+    model = build_model("llama")
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, windows, torch.device("cpu"))
+    block = blocks[0]
+    original_forward = block.forward
+
+    def single_only(hidden_states, *args, **kwargs):
+        if hidden_states.shape[0] != 1:
+            raise RuntimeError("batch size must be 1")
+        return original_forward(hidden_states, *args, **kwargs)
+
+    block.forward = single_only
+    with torch.no_grad():
+        outputs = inputs.run_windows(block)
+    assert inputs.batch_tokens == 0
+    assert [tuple(o.shape) for o in outputs] == [tuple(h.shape) for h in inputs.hidden]
