@@ -24,26 +24,13 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from optimum_sparse import SparsityCallback, SparsityConfig, perplexity
-from optimum_sparse.calibration import load_text, sample_windows, tokenize
+from optimum_sparse.calibration import TokenWindowDataset, load_text, sample_windows, tokenize
 from optimum_sparse.loading import load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCAL = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2")
-
-
-class TokenWindows(torch.utils.data.Dataset):
-    """Fixed-length token windows as causal-LM examples (labels = inputs)."""
-
-    def __init__(self, ids: torch.Tensor):
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "labels": self.ids[index].clone()}
 
 
 def data_sources() -> tuple[str, str]:
@@ -81,7 +68,7 @@ def main() -> None:
     dense_parameters = sum(p.numel() for p in model.parameters())
 
     ids = tokenize(load_text(train_source, split="validation"), tokenizer)
-    dataset = TokenWindows(sample_windows(ids, args.windows, args.seq_len, seed=0))
+    dataset = TokenWindowDataset(sample_windows(ids, args.windows, args.seq_len, seed=0))
     config = SparsityConfig(
         method="pg",
         pattern="channels",

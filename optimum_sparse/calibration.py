@@ -171,3 +171,23 @@ def get_calibration_data(
     else:
         text = "\n\n".join(calibration)
     return sample_windows(tokenize(text, tokenizer), num_samples, seq_len, seed)
+
+
+class TokenWindowDataset(torch.utils.data.Dataset):
+    """Token windows (num_windows x seq_len) as causal-LM training examples, labels = inputs.
+
+    What a `transformers.Trainer` needs to learn masks or fine-tune on `sample_windows(...)` output,
+    with no collator: every example already has the same length.
+    """
+
+    def __init__(self, windows: torch.Tensor):
+        if windows.dim() != 2:
+            raise ValueError(f"windows must be a (num_windows x seq_len) tensor, got shape {tuple(windows.shape)}")
+        self.windows = windows.long()
+
+    def __len__(self) -> int:
+        return int(self.windows.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.windows[index]
+        return {"input_ids": row, "labels": row.clone()}

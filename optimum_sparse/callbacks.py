@@ -56,7 +56,9 @@ def masked_target(model: nn.Module, name: str, mask: torch.Tensor) -> tuple[nn.M
     module = resolve_module(model, name)
     weight = get_weight(module)
     if tuple(mask.shape) != tuple(weight.shape):
-        raise ValueError(f"mask for {name} has shape {list(mask.shape)} but the weight is {list(weight.shape)} (out, in)")
+        raise ValueError(
+            f"mask for {name} has shape {list(mask.shape)} but the weight is {list(weight.shape)} (out, in)"
+        )
     return module, weight
 
 

@@ -48,6 +48,7 @@ HARDEN_SCOPES = ("global", "layer")
 #: per-layer solvers SparseLLM may use for the attention projections and inside its MLP updates
 INNER_SOLVERS = ("admm", "sparsegpt")
 
+
 def _finite_positive(value) -> bool:
     """A real number (not a bool) in (0, inf)."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
@@ -94,14 +95,16 @@ class SparsityConfig:
         mask_scope: "row" compares weights within each output row, "layer" across the whole layer.
             None picks the method's default (magnitude: layer, wanda: row).
         num_samples, seq_len, seed: calibration windows (count, tokens each, sampling seed).
-        dampening: fraction of mean(diag(H)) added to the Hessian diagonal (SparseGPT, ADMM).
+        dampening: fraction of mean(diag(H)) added to the Hessian diagonal (SparseGPT, ADMM,
+            SparseLLM). None picks the method's default (sparsegpt 0.01, admm 0.1, sparsellm 0.01).
         block_size: column block width of SparseGPT's lazy updates.
         sequential_update: calibrate each group of linears on the outputs of already-pruned
             earlier sub-layers of the same block (more forward passes, better quality).
         device: where blocks are processed ("auto": CUDA if present, else CPU).
         admm_iterations: ADMM iterations per layer (method "admm" and the ADMM refit), including
             the gradual ones; each costs one (out x in) @ (in x in) product.
-        admm_rho: ADMM penalty, in units of the normalised Hessian's diagonal (which is 1).
+        admm_rho: ADMM penalty, in units of the normalised Hessian's diagonal (which is 1). None:
+            1.0 for method "admm" and the ADMM refit, 0.25 inside SparseLLM.
         admm_gradual_steps: iterations over which the mask grows to the target sparsity on a cubic
             schedule when `gradual` (at most `admm_iterations`).
         admm_cg_steps: conjugate-gradient steps on the final support after ADMM (0 turns it off).
@@ -144,13 +147,13 @@ class SparsityConfig:
     seq_len: int = 2048
     seed: int = 0
     # Hessian-based solvers
-    dampening: float = 0.01
+    dampening: float | None = None
     block_size: int = 128
     sequential_update: bool = False
     device: str = "auto"
     # ADMM (Boza 2024)
     admm_iterations: int = 20
-    admm_rho: float = 0.25
+    admm_rho: float | None = None
     admm_gradual_steps: int = 15
     admm_cg_steps: int = 2
     gradual: bool = True
@@ -210,7 +213,8 @@ class SparsityConfig:
         if self.mask_scope not in (None, "row", "layer"):
             raise ValueError(f"mask_scope must be None, 'row' or 'layer', got {self.mask_scope!r}")
         _check_positive_ints(
-            self, ("num_samples", "seq_len", "block_size", "admm_iterations", "admm_gradual_steps", "sparsellm_iterations")
+            self,
+            ("num_samples", "seq_len", "block_size", "admm_iterations", "admm_gradual_steps", "sparsellm_iterations"),
         )
         steps = self.admm_cg_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -221,10 +225,12 @@ class SparsityConfig:
                 f"admm_iterations={self.admm_iterations}: the mask must reach the target sparsity within "
                 "the ADMM iterations; lower one or raise the other"
             )
-        if not self.dampening > 0:
-            raise ValueError(f"dampening must be > 0 (fraction of mean diag(H)), got {self.dampening}")
-        if not self.admm_rho > 0:
-            raise ValueError(f"admm_rho must be > 0, got {self.admm_rho}")
+        if self.dampening is not None and not self.dampening > 0:
+            raise ValueError(
+                f"dampening must be > 0 (fraction of mean diag(H)) or None (the method's default), got {self.dampening}"
+            )
+        if self.admm_rho is not None and not self.admm_rho > 0:
+            raise ValueError(f"admm_rho must be > 0 or None (the method's default), got {self.admm_rho}")
         if self.mask_init not in ("magnitude", "wanda"):
             raise ValueError(f"mask_init must be 'magnitude' or 'wanda', got {self.mask_init!r}")
         if self.weight_update not in (None, "admm"):

@@ -254,3 +254,21 @@ def test_admm_and_admm_refit_through_the_engine(windows):
         assert torch.equal(refit.masks[name], plain.masks[name]), "the refit keeps Wanda's masks"
     assert refit.sparsity == pytest.approx(0.5)
     assert torch.isfinite(refit_model(input_ids=windows[:1]).logits).all()
+
+
+def test_dampening_and_rho_default_per_method_unless_set():
+    """None means each method's tuned default; an explicit value reaches every solver unchanged."""
+
+    def solver(method: str, **kwargs):
+        return get_solver_class(method)(SparsityConfig(method=method, sparsity=0.5, **kwargs))
+
+    assert solver("sparsegpt").dampening == 0.01
+    assert solver("admm").dampening == 0.1
+    sparsellm = solver("sparsellm")
+    assert sparsellm.dampening == 0.01
+    assert (sparsellm.inner.dampening, sparsellm.inner.config.admm_rho) == (0.01, 0.25)
+    assert solver("admm", dampening=0.03).dampening == 0.03
+    explicit = solver("sparsellm", dampening=0.2, admm_rho=2.0)
+    assert (explicit.inner.dampening, explicit.inner.config.admm_rho) == (0.2, 2.0)
+    with pytest.raises(ValueError, match="dampening must be > 0"):
+        SparsityConfig(method="admm", dampening=0.0)

@@ -110,9 +110,15 @@ class SparsityCallback(TrainerCallback):
         )
         return model
 
-    def initialise(self, batches) -> None:
-        """Wanda initialisation from an iterable of batches (dicts with input_ids / attention_mask)."""
+    def initialise(self, batches=None) -> None:
+        """Wanda initialisation from an iterable of batches (dicts with input_ids / attention_mask).
+
+        Without `batches`, the `calibration` token ids given to the callback are used. Called by the
+        Trainer at the start of training; call it earlier to inspect (or evaluate) the initial mask.
+        """
         model = self.model
+        if batches is None:
+            batches = self._calibration_batches(None, self.learner.scores.device)
         self.learner.deactivate()
         was_training = model.training
         model.eval()

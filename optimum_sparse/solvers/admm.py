@@ -48,6 +48,10 @@ FLOAT64_MAX_FEATURES = 8192
 _COLLINEAR_TOL = 1e-4
 #: diag(H) below this fraction of the mean is floored there before normalising (keeps 1/scale bounded)
 _SCALE_FLOOR = 1e-6
+#: defaults when the config leaves `dampening` / `admm_rho` at None: the reference implementation's
+#: settings (dampening in units of the normalised diagonal, which is 1)
+DEFAULT_DAMPENING = 0.1
+DEFAULT_RHO = 1.0
 #: sample sizes for the approximate thresholds of intermediate gradual masks
 _SAMPLE_PER_ROW = 128
 _SAMPLE_PER_LAYER = 1 << 16
@@ -304,7 +308,7 @@ def _run_admm(
     With a float mask `keep` the support is fixed; otherwise it is chosen from `init_scores` (once,
     or on the gradual schedule and then from |W + U|). Returns (weight zero outside the mask, mask).
     """
-    rho = config.admm_rho
+    rho = config.admm_rho if config.admm_rho is not None else DEFAULT_RHO
     inverse = _admm_inverse(problem, rho)
     nm = config.nm
     goal = config.sparsity
@@ -343,11 +347,14 @@ class AdmmSolver(Solver):
 
     requires_hessian = True
     default_scope = "row"
+    #: the reference implementation's settings; with 16k calibration tokens the stronger ridge towards
+    #: the dense weights generalises better than 0.01 (SmolLM2 50%: perplexity 28.48 vs 29.81)
+    default_dampening = DEFAULT_DAMPENING
 
     def _problem(self, stats: LayerStatistics | None, device: torch.device) -> _Problem:
         if stats is None or stats.hessian is None:
             raise ValueError("admm needs the input Hessian (LayerStatistics(..., with_hessian=True))")
-        return _normalise(stats.hessian.to(device), stats.num_tokens, self.config.dampening)
+        return _normalise(stats.hessian.to(device), stats.num_tokens, self.dampening)
 
     def prune_layer(self, weight: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
         cfg = self.config
@@ -415,6 +422,7 @@ def admm_refit(
     detected. Returns a float32 weight, zero outside `mask`, whose reconstruction error is never
     above that of `weight * mask`.
     """
-    problem = _normalise(hessian.to(weight.device), num_tokens, config.dampening)
+    dampening = config.dampening if config.dampening is not None else DEFAULT_DAMPENING
+    problem = _normalise(hessian.to(weight.device), num_tokens, dampening)
     mask = mask.to(device=weight.device, dtype=torch.bool)
     return _refit(weight.to(torch.float32), mask, problem, config, config.mask_scope or "row")

@@ -75,6 +75,8 @@ class Solver(ABC):
     requires_hessian: bool = False
     #: default comparison scope for unstructured masks ("row" or "layer")
     default_scope: str = "row"
+    #: Hessian dampening when the config leaves `dampening` at None (fraction of mean diag(H))
+    default_dampening: float = 0.01
 
     def __init__(self, config: SparsityConfig):
         self.config = config
@@ -82,6 +84,11 @@ class Solver(ABC):
     @property
     def scope(self) -> str:
         return self.config.mask_scope or self.default_scope
+
+    @property
+    def dampening(self) -> float:
+        """The config's `dampening`, or this method's default when it is None."""
+        return self.config.dampening if self.config.dampening is not None else self.default_dampening
 
     @abstractmethod
     def prune_layer(self, weight: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:

@@ -50,7 +50,7 @@ class SparseGPTSolver(Solver):
         cfg = self.config
         w = weight
         rows, cols = w.shape
-        hinv = inverse_cholesky_upper(stats.hessian.to(w.device), w, cfg.dampening)
+        hinv = inverse_cholesky_upper(stats.hessian.to(w.device), w, self.dampening)
         mask = torch.zeros_like(w, dtype=torch.bool)
         nm = cfg.nm
         # N:M groups must not straddle two column blocks: round the block width down to a multiple of M

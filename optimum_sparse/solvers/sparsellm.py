@@ -44,6 +44,7 @@ with the inner solver. See docs/sparsellm.md for the hyperparameters, memory and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -65,6 +66,8 @@ PruneFn = Callable[[torch.Tensor, LayerStatistics], LayerResult]
 
 #: (alpha, beta, gamma) of `solve_mlp` when none are given: the SparsityConfig defaults, see docs/sparsellm.md
 DEFAULT_WEIGHTS = (1.0, 100.0, 10.0)
+#: ADMM penalty of the inner solver when `admm_rho` is None (the setting SparseLLM was measured with)
+SPARSELLM_ADMM_RHO = 0.25
 #: tokens per chunk of the elementwise / closed-form updates (bounds the temporaries)
 CHUNK_TOKENS = 4096
 #: linear solves in float64 up to this width, in float32 above (memory)
@@ -656,7 +659,13 @@ class SparseLLMSolver(Solver):
 
     def __init__(self, config):
         super().__init__(config)
-        self.inner: Solver = get_solver_class(config.inner_solver)(config)
+        # the inner solver runs with the settings SparseLLM was tuned with (docs/sparsellm.md), unless set
+        inner = dataclasses.replace(
+            config,
+            dampening=self.dampening,
+            admm_rho=config.admm_rho if config.admm_rho is not None else SPARSELLM_ADMM_RHO,
+        )
+        self.inner: Solver = get_solver_class(config.inner_solver)(inner)
         self.reports: dict[int, MlpReport] = {}
 
     @property
@@ -771,7 +780,7 @@ class SparseLLMSolver(Solver):
             prune,
             iterations=cfg.sparsellm_iterations,
             weights=(cfg.alpha, cfg.beta, cfg.gamma),
-            dampening=cfg.dampening,
+            dampening=self.dampening,
             track_objective=logger.isEnabledFor(logging.DEBUG),
         )
         context.write(mlp.up, solution.up, solution.first_statistics)
