@@ -81,3 +81,20 @@ def test_every_attention_group_pruned_is_refused():
     keep[groups[0].units] = False
     with pytest.raises(ValueError, match="KV group"):
         slice_channels(groups, keep)
+
+
+def test_wanda_init_spreads_the_budget_over_layers_whose_metric_scale_differs():
+    """Activation norms grow with depth: a per-layer z-score keeps every layer, not just the deep ones."""
+    from optimum_sparse.pg.channel_space import ChannelSpace
+
+    model = build_model("llama")
+    space = ChannelSpace(model, sparsity=0.5)
+    metric = torch.rand(space.num_units, generator=torch.Generator().manual_seed(0)) + 0.5
+    for depth, group in enumerate(space.groups):
+        metric[group.offset : group.offset + group.num_units] *= 100.0**depth  # deeper: larger metric
+    hard = space.harden(space.init_from_metric(metric))
+    assert space.sparsity_of(hard) == pytest.approx(0.5, abs=0.05)
+    for group in space.groups:
+        if group.kind == "mlp":
+            kept = float(hard[group.offset : group.offset + group.num_units].float().mean())
+            assert 0.2 < kept < 0.8, f"{group.name} keeps {kept:.2f} of its channels"

@@ -142,10 +142,18 @@ class ChannelSpace(MaskSpace):
         return slice_channels(self.groups, hard)
 
     def init_from_metric(self, metric: torch.Tensor) -> torch.Tensor:
-        """sigmoid(z + tau): z-scored within each kind (MLP channels, attention groups), tau on the budget."""
-        metric = metric.detach().double().cpu()
+        """sigmoid(z + tau): z = the z-scored log-metric within each group (one layer's MLP channels, or
+        its attention groups), tau on the budget.
+
+        Within a layer the metric ranks units; across layers it does not compare: activation norms grow
+        with depth, so a global ranking removed 90% of the first layers' channels and none of the last
+        ones' (SmolLM2 at 30%: perplexity 10146 on 5 test windows, against 762 with per-layer z-scores
+        of the log-metric, whose hard mask removes about the same fraction from every layer). Learning
+        then moves the budget between layers.
+        """
+        metric = metric.detach().double().cpu().clamp_min(1e-30).log()
         z = torch.zeros_like(metric)
-        for kind in ("attention", "mlp"):
-            index = torch.cat([torch.arange(g.offset, g.offset + g.num_units) for g in self.groups if g.kind == kind])
-            z[index] = zscore(metric[index])
+        for group in self.groups:
+            units = slice(group.offset, group.offset + group.num_units)
+            z[units] = zscore(metric[units])
         return sigmoid_to_budget(z, self.costs, self.budget).float()
