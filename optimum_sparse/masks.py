@@ -18,19 +18,24 @@ def num_pruned(numel: int, sparsity: float) -> int:
 
 
 def topk_mask(scores: torch.Tensor, sparsity: float, scope: str = "row") -> torch.Tensor:
-    """Keep the highest scores, zeroing exactly `sparsity` of them per row or per whole tensor."""
+    """Keep the highest scores, zeroing exactly `sparsity` of them per row or per whole tensor.
+
+    The pruned entries are the first `k` of a stable ascending sort: among equal scores the one with
+    the lower index goes first. That is the Wanda reference code's rule, and it makes the choice among
+    the many equal |W| of quantised checkpoints (GGUF) deterministic.
+    """
     if scope not in ("row", "layer"):
         raise ValueError(f"scope must be 'row' or 'layer', got {scope!r}")
     mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if scope == "layer" or scores.dim() == 1:
         k = num_pruned(scores.numel(), sparsity)
         if k:
-            idx = torch.topk(scores.flatten(), k, largest=False).indices
+            idx = torch.sort(scores.flatten(), stable=True).indices[:k]
             mask.view(-1)[idx] = False
         return mask
     k = num_pruned(scores.shape[-1], sparsity)
     if k:
-        idx = torch.topk(scores, k, dim=-1, largest=False).indices
+        idx = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
         mask.scatter_(-1, idx, False)
     return mask
 

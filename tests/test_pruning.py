@@ -145,3 +145,11 @@ def test_conv1d_helpers_report_input_dimension():
     assert is_transposed(attn)
     assert attn.weight.shape == (32, 96)  # Conv1D stores (in, out)
     assert get_weight(attn).shape == (96, 32)
+
+
+def test_topk_mask_prunes_the_lower_index_first_among_equal_scores():
+    """Ties (quantised weights have many equal |W|) go by index, as in the Wanda reference code."""
+    scores = torch.tensor([[3.0, 1.0, 1.0, 1.0, 2.0, 1.0]])
+    assert topk_mask(scores, 0.5, "row").tolist() == [[True, False, False, False, True, True]]
+    flat = torch.tensor([[1.0, 2.0], [1.0, 1.0]])
+    assert topk_mask(flat, 0.5, "layer").tolist() == [[False, True], [False, True]]
