@@ -40,7 +40,7 @@ STRUCTURED_PATTERNS = ("channels",)
 #: settings of policy-gradient mask learning (method "pg", see docs/mask_learning.md)
 PG_PRECONDITIONERS = ("fisher", "adam")
 PG_INITS = ("wanda", "uniform")
-PG_OBJECTIVES = ("lm",)
+PG_OBJECTIVES = ("lm", "block")
 #: how sampled channel sub-models are instantiated during training (weight patterns are always masked)
 PG_SUBMODELS = ("sliced", "masked")
 HARDEN_SCOPES = ("global", "layer")
@@ -128,7 +128,12 @@ class SparsityConfig:
         init: (pg) initial keep-probabilities: "wanda" (sigmoid of the z-scored |W| * ||X|| metric,
             shifted to the budget, from `num_samples` calibration sequences) or "uniform".
         final_weight_update: (pg) None, or "admm" to refit the kept weights after hardening.
-        pg_objective: (pg) "lm": the sampled sub-model's language-modelling loss.
+        pg_objective: (pg) "lm": the sampled sub-model's language-modelling loss, learned in a
+            Trainer by `SparsityCallback`; "block": per-weight masks (unstructured / N:M) learned one
+            block at a time by `prune()`, the loss being the block output's relative squared error
+            against the dense block on the calibration windows (see docs/mask_learning.md).
+        pg_block_steps, pg_block_lr, pg_block_windows: (pg, objective "block") score updates per
+            block, their SGD step size, and calibration windows evaluated per update.
         baseline_decay: (pg) decay of the loss baseline's exponential moving average.
         harden_scope: (pg) final masks keep the top keep-probabilities "global"ly under the budget
             or within each "layer" (each MLP / attention module, or linear) at the same sparsity.
@@ -174,6 +179,9 @@ class SparsityConfig:
     init: str = "wanda"
     final_weight_update: str | None = None
     pg_objective: str = "lm"
+    pg_block_steps: int = 100
+    pg_block_lr: float = 0.05
+    pg_block_windows: int = 4
     baseline_decay: float = 0.9
     harden_scope: str = "global"
     pg_submodels: str = "sliced"
@@ -263,7 +271,15 @@ class SparsityConfig:
                     raise ValueError(f"{name}: {regex!r} is not a valid regular expression ({err})") from err
 
     def _validate_pg(self) -> None:
-        _check_positive_ints(self, ("refresh_every", "samples_per_step"))
+        _check_positive_ints(self, ("refresh_every", "samples_per_step", "pg_block_steps", "pg_block_windows"))
+        if not _finite_positive(self.pg_block_lr):
+            raise ValueError(f"pg_block_lr must be a finite number > 0, got {self.pg_block_lr!r}")
+        self.pg_block_lr = float(self.pg_block_lr)
+        if self.method == "pg" and self.pg_objective == "block" and self.pattern == "channels":
+            raise ValueError(
+                "pg_objective='block' learns per-weight masks (unstructured or N:M); channel masks are learned "
+                "with pg_objective='lm' by SparsityCallback"
+            )
         clip = self.clip
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 1.0:
             raise ValueError(f"clip bounds importance ratios to [1/clip, clip]: a number >= 1 (or inf), got {clip!r}")

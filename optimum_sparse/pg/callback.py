@@ -72,6 +72,11 @@ class SparsityCallback(TrainerCallback):
     def __init__(self, config: SparsityConfig, calibration: torch.Tensor | None = None):
         if config.method != "pg":
             raise ValueError(f"SparsityCallback learns masks with method 'pg', got method {config.method!r}")
+        if config.pg_objective != "lm":
+            raise ValueError(
+                f"SparsityCallback learns masks from the training loss (pg_objective='lm'); pg_objective="
+                f"{config.pg_objective!r} runs block by block in optimum_sparse.prune(model, config, calibration)"
+            )
         self.config = config
         self.calibration = calibration
         self.model: nn.Module | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from optimum_sparse.architecture import find_prunable_layers, get_weight
+from optimum_sparse.architecture import PrunableLayer, find_prunable_layers, get_weight
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.masks import num_pruned, topk_mask
 from optimum_sparse.pg.distributions import BernoulliMasks, NMCategorical
@@ -20,10 +20,11 @@ from optimum_sparse.pg.space import MaskSpace
 
 
 class _WeightLayout:
-    """Names, shapes and flat offsets of the target weights."""
+    """Names, shapes and flat offsets of the target weights (all of the model's, or the `layers` given)."""
 
-    def __init__(self, model: nn.Module, config: SparsityConfig):
-        layers = [layer for group in find_prunable_layers(model, config).values() for layer in group]
+    def __init__(self, model: nn.Module, config: SparsityConfig, layers: list[PrunableLayer] | None = None):
+        if layers is None:
+            layers = [layer for group in find_prunable_layers(model, config).values() for layer in group]
         self.modules = {layer.name: layer.module for layer in layers}
         self.shapes = {name: tuple(get_weight(module).shape) for name, module in self.modules.items()}
         self.offsets: dict[str, int] = {}
@@ -58,8 +59,14 @@ class UnstructuredSpace(MaskSpace):
 
     family = BernoulliMasks
 
-    def __init__(self, model: nn.Module, config: SparsityConfig, harden_scope: str = "global"):
-        self.layout = _WeightLayout(model, config)
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SparsityConfig,
+        harden_scope: str = "global",
+        layers: list[PrunableLayer] | None = None,
+    ):
+        self.layout = _WeightLayout(model, config, layers)
         self.sparsity = float(config.sparsity)
         self.harden_scope = harden_scope
         self.costs = torch.ones(self.layout.numel, dtype=torch.float64)
@@ -113,11 +120,17 @@ class UnstructuredSpace(MaskSpace):
 class NMSpace(MaskSpace):
     """One categorical over the C(M, N) keep-patterns of every group of M consecutive input weights."""
 
-    def __init__(self, model: nn.Module, config: SparsityConfig, temperature: float = 1.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SparsityConfig,
+        temperature: float = 1.0,
+        layers: list[PrunableLayer] | None = None,
+    ):
         assert config.nm is not None, "NMSpace needs an N:M pattern"
         self.n, self.m = config.nm
         self.family = NMCategorical(self.n, self.m)
-        self.layout = _WeightLayout(model, config)
+        self.layout = _WeightLayout(model, config, layers)
         self.num_groups = self.layout.numel // self.m
         self.temperature = temperature
         self.masker = WeightMasker(self.layout.modules)
