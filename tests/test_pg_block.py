@@ -85,3 +85,16 @@ def test_block_objective_refuses_channels_and_the_trainer_callback_refuses_it():
         SparsityCallback(SparsityConfig(method="pg", sparsity=0.5, pg_objective="block"))
     with pytest.raises(ValueError, match="pg_objective='block'"):
         prune(build_model("llama"), SparsityConfig(method="pg", sparsity=0.5), None, show_progress=False)
+
+
+def test_block_objective_starts_from_wanda_row_masks(windows):
+    """Before learning moves the scores, the hard mask of block 0 is Wanda's (per-row top of |W| ||X||)."""
+    wanda = prune(
+        build_model("llama"),
+        SparsityConfig(method="wanda", sparsity=0.5, num_samples=4, seq_len=SEQ_LEN, device="cpu"),
+        windows,
+        show_progress=False,
+    )
+    still = prune(build_model("llama"), _config(pg_block_steps=1, pg_block_lr=1e-12), windows, show_progress=False)
+    first = [name for name in wanda.masks if ".layers.0." in name]
+    assert first and all(torch.equal(wanda.masks[n], still.masks[n]) for n in first)

@@ -49,8 +49,8 @@ class BlockLearningReport:
 def _space(context: BlockContext, config: SparsityConfig) -> MaskSpace:
     if config.nm is not None:
         return NMSpace(context.block, config, layers=context.layers)
-    # hardened per layer: every linear ends at exactly the target sparsity, like the one-shot methods
-    return UnstructuredSpace(context.block, config, harden_scope="layer", layers=context.layers)
+    # hardened per output row, like Wanda: the initial hard mask is then exactly Wanda's mask
+    return UnstructuredSpace(context.block, config, harden_scope="row", layers=context.layers)
 
 
 def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:

@@ -93,8 +93,9 @@ class UnstructuredSpace(MaskSpace):
             keep[torch.topk(flat, kept).indices] = True
             return keep
         parts = self.layout.split(flat)
+        scope = "row" if self.harden_scope == "row" else "layer"  # "row": the same sparsity in every output row
         masks = [
-            topk_mask(parts[name].reshape(shape), self.sparsity, "layer") for name, shape in self.layout.shapes.items()
+            topk_mask(parts[name].reshape(shape), self.sparsity, scope) for name, shape in self.layout.shapes.items()
         ]
         return torch.cat([mask.reshape(-1) for mask in masks])
 
