@@ -7,6 +7,7 @@ pass; `--output` is written to a temporary directory and renamed into place only
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequential-update", action="store_true", help="calibrate later sub-layers on pruned earlier ones"
     )
     prune.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    prune.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other SparsityConfig field, e.g. --set admm_rho=2 pg_objective=block (values read as JSON)",
+    )
     prune.add_argument("--output", default=None, help="directory to save the pruned model to")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
     prune.add_argument(
@@ -100,6 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(evaluate)
     _add_eval_args(evaluate)
     return parser
+
+
+def _field_settings(items: list[str]) -> dict[str, Any]:
+    """--set FIELD=VALUE pairs as a dict: VALUE read as JSON, else as a float (inf), else kept as a string."""
+    known = {f.name for f in dataclasses.fields(SparsityConfig)}
+    settings: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        if name not in known:
+            raise ValueError(f"--set {name}: SparsityConfig has no field {name!r}; fields are {sorted(known)}")
+        try:
+            settings[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            try:
+                settings[name] = float(raw)  # inf
+            except ValueError:
+                settings[name] = raw
+    return settings
 
 
 def config_from_args(args: argparse.Namespace) -> SparsityConfig:
@@ -120,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> SparsityConfig:
     }
     if args.sequential_update:
         overrides["sequential_update"] = True
+    overrides.update(_field_settings(args.set))
     base.update({k: v for k, v in overrides.items() if v is not None})
     base.pop("sparsity", None)
     base.pop("pattern", None)

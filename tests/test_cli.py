@@ -126,6 +126,17 @@ def test_config_file_method_and_options_survive_the_default_flags(tmp_path):
     assert cli.config_from_args(parser.parse_args(["prune"])).method == "sparsegpt"
 
 
+def test_set_reaches_any_config_field_and_names_unknown_ones():
+    parser = cli.build_parser()
+    args = parser.parse_args(["prune", "--method", "pg", "--set", "pg_objective=block", "admm_rho=2", "clip=inf"])
+    config = cli.config_from_args(args)
+    assert (config.pg_objective, config.admm_rho, config.clip) == ("block", 2, float("inf"))
+    with pytest.raises(ValueError, match="has no field 'no_such'"):
+        cli.config_from_args(parser.parse_args(["prune", "--set", "no_such=1"]))
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        cli.config_from_args(parser.parse_args(["prune", "--set", "admm_rho"]))
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
