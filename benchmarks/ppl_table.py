@@ -46,6 +46,8 @@ ROWS = {
     "admm": ["--method", "admm"],
     "wanda+admm": ["--method", "wanda", "--weight-update", "admm"],
     "sparsellm": ["--method", "sparsellm"],
+    "pg-block": ["--method", "pg", "--set", "pg_objective=block"],
+    "pg-block+admm": ["--method", "pg", "--set", "pg_objective=block", "--weight-update", "admm"],
 }
 
 
