@@ -124,9 +124,13 @@ class SparsityConfig:
         clip: (pg) importance ratios are clipped to [1/clip, clip] (>= 1; inf: no clipping).
         preconditioner: (pg) "fisher" scales Bernoulli gradients by s(1 - s) (natural gradient;
             pair with optim="sgd"), "adam" leaves the raw gradient to an adaptive optimizer.
-        samples_per_step: (pg) sub-models evaluated per forward pass (each batch runs through each).
+        samples_per_step: (pg) sub-models evaluated per forward pass (each batch runs through each);
+            with 2 or more, each advantage uses the leave-one-out baseline of the same batch.
         init: (pg) initial keep-probabilities: "wanda" (sigmoid of the z-scored |W| * ||X|| metric,
             shifted to the budget, from `num_samples` calibration sequences) or "uniform".
+        init_temperature: (pg) divides the z-scored metric before the sigmoid of the Wanda
+            initialisation: below 1 the keep-probabilities start closer to 0/1, so sampled sub-models
+            stay near the initial hard mask and only borderline units are explored.
         final_weight_update: (pg) None, or "admm" to refit the kept weights after hardening.
         pg_objective: (pg) "lm": the sampled sub-model's language-modelling loss, learned in a
             Trainer by `SparsityCallback`; "block": per-weight masks (unstructured / N:M) learned one
@@ -177,6 +181,7 @@ class SparsityConfig:
     preconditioner: str = "fisher"
     samples_per_step: int = 1
     init: str = "wanda"
+    init_temperature: float = 1.0
     final_weight_update: str | None = None
     pg_objective: str = "lm"
     pg_block_steps: int = 100
@@ -272,6 +277,9 @@ class SparsityConfig:
 
     def _validate_pg(self) -> None:
         _check_positive_ints(self, ("refresh_every", "samples_per_step", "pg_block_steps", "pg_block_windows"))
+        if not _finite_positive(self.init_temperature):
+            raise ValueError(f"init_temperature must be a finite number > 0, got {self.init_temperature!r}")
+        self.init_temperature = float(self.init_temperature)
         if not _finite_positive(self.pg_block_lr):
             raise ValueError(f"pg_block_lr must be a finite number > 0, got {self.pg_block_lr!r}")
         self.pg_block_lr = float(self.pg_block_lr)

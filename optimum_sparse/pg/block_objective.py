@@ -77,7 +77,7 @@ def learn_block_masks(context: BlockContext, config: SparsityConfig, solver: Sol
         space, estimator, config.refresh_every, config.samples_per_step, context.device, config.seed + context.index
     )
     with torch.no_grad():
-        learner.scores.copy_(space.init_from_metric(metric).to(context.device))
+        learner.scores.copy_(space.init_from_metric(metric, config.init_temperature).to(context.device))
     picker = torch.Generator().manual_seed(config.seed + context.index)
     count = len(inputs.hidden)
 

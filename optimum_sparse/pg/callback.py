@@ -131,7 +131,7 @@ class SparsityCallback(TrainerCallback):
             norms = input_norms(layers_of(self.space), lambda batch: wiring.dense_forward(model, **batch), batches)
         finally:
             model.train(was_training)
-        scores = self.space.init_from_metric(wanda_metric(self.space, norms))
+        scores = self.space.init_from_metric(wanda_metric(self.space, norms), self.config.init_temperature)
         with torch.no_grad():
             self.learner.scores.copy_(scores.to(self.learner.scores.device))
         self._initialised = True

@@ -141,7 +141,7 @@ class ChannelSpace(MaskSpace):
         self.masker.remove()
         return slice_channels(self.groups, hard)
 
-    def init_from_metric(self, metric: torch.Tensor) -> torch.Tensor:
+    def init_from_metric(self, metric: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """sigmoid(z + tau): z = the z-scored log-metric within each group (one layer's MLP channels, or
         its attention groups), tau on the budget.
 
@@ -156,4 +156,4 @@ class ChannelSpace(MaskSpace):
         for group in self.groups:
             units = slice(group.offset, group.offset + group.num_units)
             z[units] = zscore(metric[units])
-        return sigmoid_to_budget(z, self.costs, self.budget).float()
+        return sigmoid_to_budget(z / temperature, self.costs, self.budget).float()

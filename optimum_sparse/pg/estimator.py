@@ -56,14 +56,30 @@ def importance_weights(
 
 
 def score_function_gradient(
-    losses: torch.Tensor, grad_log_probs: torch.Tensor, baseline: float, weights: torch.Tensor | None = None
+    losses: torch.Tensor,
+    grad_log_probs: torch.Tensor,
+    baseline: float | torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """mean_j w_j (L_j - b) grad log p(m_j): the estimate from samples j (first dimension)."""
+    """mean_j w_j (L_j - b_j) grad log p(m_j): the estimate from samples j (first dimension).
+
+    `baseline` is one number, or one per sample (leave-one-out)."""
     advantage = losses.detach().float() - baseline
     if weights is not None:
         advantage = advantage * weights.float()
     shape = (-1,) + (1,) * (grad_log_probs.dim() - 1)
     return (advantage.reshape(shape) * grad_log_probs).mean(0)
+
+
+def leave_one_out(losses: torch.Tensor) -> torch.Tensor:
+    """b_j = mean of the other samples' losses on the same batch.
+
+    With several sub-models evaluated on one batch, this baseline removes the batch's own difficulty
+    from every advantage (the EMA baseline mixes batches) and, not depending on sample j, keeps the
+    estimate unbiased.
+    """
+    count = losses.numel()
+    return (losses.sum() - losses) / (count - 1)
 
 
 def surrogate_loss(scores: torch.Tensor, gradient: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -117,7 +133,8 @@ class ScoreFunctionEstimator:
         baseline = self.baseline if self.baseline is not None else float(losses.mean())
         log_prob_now = family.log_prob(scores, samples)
         weights, clipped = importance_weights(log_prob_now, log_prob_then.to(log_prob_now.device), self.clip)
-        gradient = score_function_gradient(losses, family.grad_log_prob(scores, samples), baseline, weights)
+        per_sample = leave_one_out(losses) if losses.numel() > 1 else baseline
+        gradient = score_function_gradient(losses, family.grad_log_prob(scores, samples), per_sample, weights)
         fisher = getattr(family, "fisher_diagonal", None)
         if self.preconditioner == "fisher" and fisher is not None:
             gradient = gradient / fisher(scores)

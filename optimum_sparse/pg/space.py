@@ -69,5 +69,8 @@ class MaskSpace(ABC):
         """Write the hard mask into the model permanently (zeros), detach, return the weight masks."""
 
     @abstractmethod
-    def init_from_metric(self, metric: torch.Tensor) -> torch.Tensor:
-        """Scores from a per-unit importance metric (higher = keep), on the budget."""
+    def init_from_metric(self, metric: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Scores from a per-unit importance metric (higher = keep), on the budget.
+
+        `temperature` < 1 sharpens the distribution around the metric's hard mask (fewer uncertain
+        units, so sampled sub-models stay close to it); > 1 flattens it."""

@@ -112,10 +112,10 @@ class UnstructuredSpace(MaskSpace):
     def finalize(self, hard: torch.Tensor) -> dict[str, torch.Tensor]:
         return _zero_outside(self.masker, self.weight_masks(hard))
 
-    def init_from_metric(self, metric: torch.Tensor) -> torch.Tensor:
-        """sigmoid(z + tau), z-scored within each layer, tau putting sum(s) on the budget."""
+    def init_from_metric(self, metric: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """sigmoid(z / temperature + tau), z-scored within each layer, tau putting sum(s) on the budget."""
         z = torch.cat([zscore(part.double()) for part in self.layout.split(metric.detach().reshape(-1)).values()])
-        return sigmoid_to_budget(z, self.costs.to(z.device), self.budget).float()
+        return sigmoid_to_budget(z / temperature, self.costs.to(z.device), self.budget).float()
 
 
 class NMSpace(MaskSpace):
@@ -162,8 +162,9 @@ class NMSpace(MaskSpace):
     def finalize(self, hard: torch.Tensor) -> dict[str, torch.Tensor]:
         return _zero_outside(self.masker, self.weight_masks(hard))
 
-    def init_from_metric(self, metric: torch.Tensor) -> torch.Tensor:
-        """Pattern logits = temperature * sum of the z-scored metric (per layer) over the pattern's weights."""
+    def init_from_metric(self, metric: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Pattern logits = sum of the z-scored metric (per layer) over the pattern's weights, divided by
+        `temperature` (and multiplied by the space's own `temperature` factor)."""
         z = torch.cat([zscore(part.double()) for part in self.layout.split(metric.detach().reshape(-1)).values()])
         groups = z.float().reshape(self.num_groups, self.m)
-        return self.temperature * groups @ self.family.patterns.to(groups.device).float().t()
+        return self.temperature / temperature * groups @ self.family.patterns.to(groups.device).float().t()
