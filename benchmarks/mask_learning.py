@@ -93,6 +93,7 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
         preconditioner="fisher",
         samples_per_step=args.samples_per_step,
         init="wanda",
+        init_temperature=args.init_temperature,
         final_weight_update=args.final_weight_update,
         num_samples=32,
         seq_len=args.seq_len,
@@ -107,6 +108,12 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
     ones = {name: torch.ones(layer.weight.shape[1]) for name, layer in layers_of(space).items()}
     magnitude = space.init_from_metric(wanda_metric(space, ones)).to(wanda.device)
     record: dict = {"pattern": args.pattern, "sparsity": sparsity, "refresh_every": refresh_every}
+    record.update(
+        samples_per_step=args.samples_per_step,
+        init_temperature=args.init_temperature,
+        learning_rate=args.learning_rate,
+        eval_windows=args.eval_max_windows,
+    )
     record["ppl_magnitude"] = score_ppl(callback, magnitude, evaluate)
     record["ppl_wanda"] = score_ppl(callback, wanda, evaluate)
     logger.info("sparsity %s: magnitude %.2f, wanda %.2f", sparsity, record["ppl_magnitude"], record["ppl_wanda"])
@@ -185,7 +192,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=1024, help="training windows drawn from valid.txt")
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--clip", type=float, default=2.0)
-    parser.add_argument("--samples-per-step", type=int, default=1)
+    parser.add_argument("--samples-per-step", type=int, default=1, help="2+: leave-one-out baseline per batch")
+    parser.add_argument("--init-temperature", type=float, default=1.0, help="< 1: sharper Wanda initialisation")
     parser.add_argument("--final-weight-update", default=None, choices=[None, "admm"])
     parser.add_argument("--eval-max-windows", type=int, default=40)
     parser.add_argument("--speed-tokens", type=int, default=1024)
