@@ -80,3 +80,16 @@ def test_hardening_per_group(units):
         c = costs[group]
         kept = float(c[keep[group]].sum())
         assert kept <= budget_of(c, 0.5) and budget_of(c, 0.5) - kept < float(c.max())
+
+
+def test_projection_of_a_million_nudged_scores_lands_on_the_budget_within_eight_passes():
+    """After an optimizer step the scores are near the budget: Newton steps need only a few passes."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(1_000_000, generator=generator, dtype=torch.float64)
+    costs = torch.ones_like(scores)
+    budget = 0.3 * scores.numel()
+    on_budget = project_to_budget(scores, costs, budget)
+    nudged = on_budget + 0.01 * torch.randn(scores.shape, generator=generator, dtype=torch.float64)
+    projected = project_to_budget(nudged, costs, budget, iterations=8)
+    assert float(projected.sum()) == pytest.approx(budget, rel=1e-10)
+    assert float(projected.min()) >= 0.0 and float(projected.max()) <= 1.0

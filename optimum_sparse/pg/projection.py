@@ -6,7 +6,7 @@ i.e. the expected number of kept parameters.
 
 `project_to_budget` is the projection in the cost-weighted metric sum_i c_i (x_i - s_i)^2 (every
 parameter counts alike): by the KKT conditions the solution is x_i = clip(s_i - tau, 0, 1) for one
-shift tau, found by bisection since the kept mass is monotone in tau (the shift-and-clip projection
+shift tau, found by safeguarded Newton steps since the kept mass is monotone and piecewise linear in tau (the shift-and-clip projection
 of the design notes; with unit costs it is the Euclidean projection). `sigmoid_to_budget` finds the
 logit shift that puts sigmoid(z + tau) on the budget (Wanda-style initialisation).
 """
@@ -43,15 +43,33 @@ def _check_budget(costs: torch.Tensor, budget: float) -> float:
 
 @torch.no_grad()
 def project_to_budget(scores: torch.Tensor, costs: torch.Tensor, budget: float, iterations: int = 100) -> torch.Tensor:
-    """clip(s - tau, 0, 1) with tau chosen so that sum(costs * result) = budget (to float64 precision)."""
-    _check_budget(costs, budget)
+    """clip(s - tau, 0, 1) with tau chosen so that sum(costs * result) = budget (to float64 precision).
+
+    The kept mass is piecewise linear in tau, so Newton steps (slope = minus the cost of the units
+    strictly inside (0, 1)) land on the root in a few evaluations; they start from tau = 0, which is
+    the answer for scores already on the budget and close to it after one optimizer step. A step that
+    leaves the bracket, or a flat piece, falls back to bisection. Millions of units (per-weight masks)
+    then cost a handful of passes instead of a hundred.
+    """
+    total = _check_budget(costs, budget)
     s = scores.detach().double().reshape(-1)
     c = costs.detach().double().reshape(-1).to(s.device)
-
-    def mass(tau: float) -> float:
-        return float((c * (s - tau).clamp(0.0, 1.0)).sum())
-
-    tau = _bisect(mass, budget, float(s.min()) - 1.0, float(s.max()), iterations)
+    low, high = float(s.min()) - 1.0, float(s.max())  # mass(low) = total >= budget >= 0 = mass(high)
+    tolerance = 1e-12 * max(total, 1.0)
+    tau = min(max(0.0, low), high)
+    for _ in range(iterations):
+        shifted = s - tau
+        inside = (shifted > 0.0) & (shifted < 1.0)
+        gap = float((c * shifted.clamp(0.0, 1.0)).sum()) - budget
+        if abs(gap) <= tolerance:
+            break
+        if gap > 0:
+            low = tau
+        else:
+            high = tau
+        slope = float(c[inside].sum())
+        step = tau + gap / slope if slope > 0 else None
+        tau = step if step is not None and low < step < high else 0.5 * (low + high)
     return (s - tau).clamp(0.0, 1.0).to(scores.dtype).reshape(scores.shape)
 
 
