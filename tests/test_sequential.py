@@ -236,6 +236,7 @@ def test_batched_window_replay_matches_one_window_at_a_time(arch, windows):
     model = build_model(arch)
     _, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks, windows, torch.device("cpu"))
+    inputs.batch_tokens = 8192  # on CPU the default is one window per call
     inputs.use_block(0)
     with torch.no_grad():
         one_by_one = [inputs.run(blocks[0], h) for h in inputs.hidden]
@@ -261,6 +262,7 @@ def test_batched_window_replay_falls_back_when_a_block_refuses_batches(windows):
         return original_forward(hidden_states, *args, **kwargs)
 
     block.forward = single_only
+    inputs.batch_tokens = 8192
     with torch.no_grad():
         outputs = inputs.run_windows(block)
     assert inputs.batch_tokens == 0
