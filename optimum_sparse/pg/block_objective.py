@@ -30,6 +30,7 @@ from optimum_sparse.pg.learner import StaleSubModelLearner
 from optimum_sparse.pg.space import MaskSpace
 from optimum_sparse.pg.weight_space import NMSpace, UnstructuredSpace
 from optimum_sparse.solvers.base import Solver
+from optimum_sparse.solvers.wanda import wanda_scores
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def learn_block_masks(context: BlockContext, config: SparsityConfig, solver: Sol
     space = _space(context, config)
     metric = torch.cat(
         [
-            (get_weight(module).detach().float().abs() * stats[name].norms.to(context.device).unsqueeze(0)).reshape(-1)
+            wanda_scores(get_weight(module).detach().float(), stats[name]).reshape(-1)
             for name, module in space.layout.modules.items()
         ]
     )
@@ -105,8 +106,9 @@ def learn_block_masks(context: BlockContext, config: SparsityConfig, solver: Sol
         learner.end_step()
     learned = hard_error()
     # the guard: a learned mask that reconstructs the block worse than its initialisation is not used
-    hard = learner.hard_mask() if learned <= initial else initial_mask
-    if learned > initial:
+    use_learned = learned <= initial
+    hard = learner.hard_mask() if use_learned else initial_mask
+    if not use_learned:
         logger.info(
             "block %d: the learned mask did not beat the Wanda initialisation; keeping the latter", context.index
         )
@@ -116,7 +118,7 @@ def learn_block_masks(context: BlockContext, config: SparsityConfig, solver: Sol
         prune_and_write(
             layer, stats.get(layer.name), solver, context.refit, masks[layer.name], context.device, context.result
         )
-    report = BlockLearningReport(initial, learned, config.pg_block_steps, learner.refreshes, learned <= initial)
+    report = BlockLearningReport(initial, learned, config.pg_block_steps, learner.refreshes, use_learned)
     logger.info(
         "block %d: relative output error %.4g (Wanda init) -> %.4g (learned, %d steps, %d samplings)",
         context.index,

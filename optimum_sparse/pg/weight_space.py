@@ -125,7 +125,6 @@ class NMSpace(MaskSpace):
         self,
         model: nn.Module,
         config: SparsityConfig,
-        temperature: float = 1.0,
         layers: list[PrunableLayer] | None = None,
     ):
         assert config.nm is not None, "NMSpace needs an N:M pattern"
@@ -133,7 +132,6 @@ class NMSpace(MaskSpace):
         self.family = NMCategorical(self.n, self.m)
         self.layout = _WeightLayout(model, config, layers)
         self.num_groups = self.layout.numel // self.m
-        self.temperature = temperature
         self.masker = WeightMasker(self.layout.modules)
 
     def initial_scores(self) -> torch.Tensor:
@@ -163,8 +161,7 @@ class NMSpace(MaskSpace):
         return _zero_outside(self.masker, self.weight_masks(hard))
 
     def init_from_metric(self, metric: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """Pattern logits = sum of the z-scored metric (per layer) over the pattern's weights, divided by
-        `temperature` (and multiplied by the space's own `temperature` factor)."""
+        """Pattern logits = sum of the z-scored metric (per layer) over the pattern's weights / temperature."""
         z = torch.cat([zscore(part.double()) for part in self.layout.split(metric.detach().reshape(-1)).values()])
         groups = z.float().reshape(self.num_groups, self.m)
-        return self.temperature / temperature * groups @ self.family.patterns.to(groups.device).float().t()
+        return groups @ self.family.patterns.to(groups.device).float().t() / temperature

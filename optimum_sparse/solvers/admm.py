@@ -422,7 +422,6 @@ def admm_refit(
     detected. Returns a float32 weight, zero outside `mask`, whose reconstruction error is never
     above that of `weight * mask`.
     """
-    dampening = config.dampening if config.dampening is not None else DEFAULT_DAMPENING
-    problem = _normalise(hessian.to(weight.device), num_tokens, dampening)
+    problem = _normalise(hessian.to(weight.device), num_tokens, AdmmSolver(config).dampening)
     mask = mask.to(device=weight.device, dtype=torch.bool)
     return _refit(weight.to(torch.float32), mask, problem, config, config.mask_scope or "row")
