@@ -41,6 +41,7 @@ ANCHORS = {
 # row name -> extra CLI flags
 ROWS = {
     "magnitude": ["--method", "magnitude"],
+    "magnitude-ties": ["--method", "magnitude", "--set", "prune_ties=true"],
     "wanda": ["--method", "wanda"],
     "sparsegpt": ["--method", "sparsegpt"],
     "admm": ["--method", "admm"],
@@ -102,13 +103,13 @@ def main() -> None:
         for sparsity in args.sparsities:
             flags = ["prune", *model, *ROWS[row], "--sparsity", sparsity, *calibration, *evaluation]
             record = run_cli([*flags, "--skip-dense-eval", *args.extra])
-            results.append({"row": row, "sparsity": sparsity, **record})
+            results.append({**record, "row": row, "sparsity": sparsity})
             print(f"{row} {sparsity}: {record}", file=sys.stderr, flush=True)
 
     print("| method | sparsity | ppl | prune s | peak RSS MiB | reference ppl (s) |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        anchor = ANCHORS.get((r["row"], r["sparsity"]))
+        anchor = ANCHORS.get((r["row"].removesuffix("-ties"), r["sparsity"]))
         ref = f"{anchor[0]:g} ({anchor[1]} s)" if anchor else ""
         if "error" in r:
             print(f"| {r['row']} | {r['sparsity']} | error: {r['error']} | | | {ref} |")

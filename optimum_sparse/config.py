@@ -94,6 +94,10 @@ class SparsityConfig:
         ignore: regexes of module names never pruned. lm_head and embeddings are always skipped.
         mask_scope: "row" compares weights within each output row, "layer" across the whole layer.
             None picks the method's default (magnitude: layer, wanda: row).
+        prune_ties: (magnitude, unstructured) prune every weight whose score is <= the score at
+            position k = round(sparsity * n) of the ascending sort, which is the rule of the
+            SparseGPT/Wanda repositories' magnitude baseline, instead of exactly k weights. Quantised
+            checkpoints have many equal |W|, so the layer ends slightly above the target sparsity.
         num_samples, seq_len, seed: calibration windows (count, tokens each, sampling seed).
         dampening: fraction of mean(diag(H)) added to the Hessian diagonal (SparseGPT, ADMM,
             SparseLLM). None picks the method's default (sparsegpt 0.01, admm 0.1, sparsellm 0.01).
@@ -151,6 +155,7 @@ class SparsityConfig:
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
     mask_scope: str | None = None
+    prune_ties: bool = False
     # calibration
     num_samples: int = 128
     seq_len: int = 2048
@@ -225,6 +230,10 @@ class SparsityConfig:
         self.sparsity = float(self.sparsity)
         if self.mask_scope not in (None, "row", "layer"):
             raise ValueError(f"mask_scope must be None, 'row' or 'layer', got {self.mask_scope!r}")
+        if not isinstance(self.prune_ties, bool):
+            raise TypeError(f"prune_ties must be true or false, got {self.prune_ties!r}")
+        if self.prune_ties and self.nm is not None:
+            raise ValueError("prune_ties applies to unstructured sparsity; an N:M pattern keeps exactly N of every M")
         _check_positive_ints(
             self,
             ("num_samples", "seq_len", "block_size", "admm_iterations", "admm_gradual_steps", "sparsellm_iterations"),

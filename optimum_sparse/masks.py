@@ -17,16 +17,21 @@ def num_pruned(numel: int, sparsity: float) -> int:
     return int(round(numel * sparsity))
 
 
-def topk_mask(scores: torch.Tensor, sparsity: float, scope: str = "row") -> torch.Tensor:
+def topk_mask(scores: torch.Tensor, sparsity: float, scope: str = "row", prune_ties: bool = False) -> torch.Tensor:
     """Keep the highest scores, zeroing exactly `sparsity` of them per row or per whole tensor.
 
     The pruned entries are the first `k` of a stable ascending sort: among equal scores the one with
     the lower index goes first. That is the Wanda reference code's rule, and it makes the choice among
     the many equal |W| of quantised checkpoints (GGUF) deterministic.
+
+    `prune_ties` instead zeroes every score <= the one at sorted position `k` (a threshold, the rule
+    of the reference repositories' magnitude baseline): at least k + 1 entries, more when it is tied.
     """
     if scope not in ("row", "layer"):
         raise ValueError(f"scope must be 'row' or 'layer', got {scope!r}")
     mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if prune_ties:
+        return _threshold_mask(scores, sparsity, scope)
     if scope == "layer" or scores.dim() == 1:
         k = num_pruned(scores.numel(), sparsity)
         if k:
@@ -38,6 +43,22 @@ def topk_mask(scores: torch.Tensor, sparsity: float, scope: str = "row") -> torc
         idx = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
         mask.scatter_(-1, idx, False)
     return mask
+
+
+def _threshold_mask(scores: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
+    """`topk_mask(..., prune_ties=True)`: keep only scores above the (k + 1)-th smallest."""
+    if scope == "layer" or scores.dim() == 1:
+        k = num_pruned(scores.numel(), sparsity)
+        if k == 0:
+            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        flat = scores.flatten()
+        threshold = torch.kthvalue(flat.float(), min(k + 1, flat.numel())).values
+        return scores.float() > threshold
+    k = num_pruned(scores.shape[-1], sparsity)
+    if k == 0:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    threshold = torch.kthvalue(scores.float(), min(k + 1, scores.shape[-1]), dim=-1, keepdim=True).values
+    return scores.float() > threshold
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -58,12 +79,16 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def select_mask(
-    scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None, scope: str = "row"
+    scores: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    scope: str = "row",
+    prune_ties: bool = False,
 ) -> torch.Tensor:
     """N:M mask when `nm` is given, else a top-k mask at `sparsity` within `scope`."""
     if nm is not None:
         return nm_mask(scores, *nm)
-    return topk_mask(scores, sparsity, scope)
+    return topk_mask(scores, sparsity, scope, prune_ties)
 
 
 def is_valid_nm(mask: torch.Tensor, n: int, m: int) -> bool:

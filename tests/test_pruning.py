@@ -153,3 +153,20 @@ def test_topk_mask_prunes_the_lower_index_first_among_equal_scores():
     assert topk_mask(scores, 0.5, "row").tolist() == [[True, False, False, False, True, True]]
     flat = torch.tensor([[1.0, 2.0], [1.0, 1.0]])
     assert topk_mask(flat, 0.5, "layer").tolist() == [[False, True], [False, True]]
+
+
+def test_prune_ties_zeroes_every_score_up_to_the_threshold_like_the_reference_baseline():
+    """The reference magnitude rule prunes all |W| <= the (k+1)-th smallest: k + 1 or more when tied."""
+    scores = torch.tensor([[3.0, 1.0, 1.0, 1.0, 2.0, 1.0]])
+    # k = 3; the 4th smallest is 1.0, so all four 1.0 go (one more than exactly 50%)
+    assert topk_mask(scores, 0.5, "row", prune_ties=True).tolist() == [[True, False, False, False, True, False]]
+    distinct = torch.tensor([[4.0, 1.0, 2.0, 3.0]])
+    assert topk_mask(distinct, 0.25, "layer", prune_ties=True).tolist() == [[True, False, False, True]]
+    assert topk_mask(distinct, 0.0, "layer", prune_ties=True).all()
+
+
+def test_prune_ties_is_refused_with_an_nm_pattern():
+    with pytest.raises(ValueError, match="prune_ties applies to unstructured"):
+        SparsityConfig(method="magnitude", pattern="2:4", prune_ties=True)
+    with pytest.raises(TypeError, match="prune_ties must be true or false"):
+        SparsityConfig(method="magnitude", prune_ties="yes")

@@ -17,5 +17,6 @@ class MagnitudeSolver(Solver):
     default_scope = "layer"
 
     def prune_layer(self, weight: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
-        mask = select_mask(weight.abs(), self.config.sparsity, self.config.nm, self.scope)
+        config = self.config
+        mask = select_mask(weight.abs(), config.sparsity, config.nm, self.scope, config.prune_ties)
         return LayerResult(weight * mask, mask)
