@@ -39,6 +39,7 @@ _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 STRUCTURED_PATTERNS = ("channels",)
 #: settings of policy-gradient mask learning (method "pg", see docs/mask_learning.md)
 PG_PRECONDITIONERS = ("fisher", "adam")
+PG_RATIOS = ("joint", "unit")
 PG_INITS = ("wanda", "uniform")
 PG_OBJECTIVES = ("lm", "block")
 #: how sampled channel sub-models are instantiated during training (weight patterns are always masked)
@@ -126,6 +127,8 @@ class SparsityConfig:
         refresh_every: (pg) a sampled sub-model is reused for this many optimizer steps, its
             gradient reweighted by the clipped importance ratio p_now(m) / p_sampled(m).
         clip: (pg) importance ratios are clipped to [1/clip, clip] (>= 1; inf: no clipping).
+        importance_ratio: (pg) reweight a stale sample by its "joint" ratio p_now(m) / p_then(m), or
+            each unit's gradient by that unit's own factor of it ("unit"; see pg/estimator.py).
         preconditioner: (pg) "fisher" scales Bernoulli gradients by s(1 - s) (natural gradient;
             pair with optim="sgd"), "adam" leaves the raw gradient to an adaptive optimizer.
         samples_per_step: (pg) sub-models evaluated per forward pass (each batch runs through each);
@@ -183,6 +186,7 @@ class SparsityConfig:
     # policy-gradient mask learning with stale sub-models (method "pg", SparsityCallback)
     refresh_every: int = 1
     clip: float = 2.0
+    importance_ratio: str = "joint"
     preconditioner: str = "fisher"
     samples_per_step: int = 1
     init: str = "wanda"
@@ -303,6 +307,7 @@ class SparsityConfig:
         self.clip = float(clip)
         choices = {
             "preconditioner": PG_PRECONDITIONERS,
+            "importance_ratio": PG_RATIOS,
             "init": PG_INITS,
             "pg_objective": PG_OBJECTIVES,
             "harden_scope": HARDEN_SCOPES,

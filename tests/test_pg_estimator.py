@@ -12,6 +12,7 @@ from optimum_sparse.pg.distributions import BernoulliMasks, NMCategorical, nm_pa
 from optimum_sparse.pg.estimator import (
     ScoreFunctionEstimator,
     importance_weights,
+    leave_one_out,
     score_function_gradient,
     surrogate_loss,
 )
@@ -188,3 +189,84 @@ def test_leave_one_out_baseline_ignores_the_batch_difficulty_and_stays_unbiased(
     seventh = BernoulliMasks.log_prob(probs, pairs[7])  # fresh samples: importance weights 1
     estimate = fresh_estimator.estimate(BernoulliMasks, probs, pairs[7], pair_losses[7], seventh)
     torch.testing.assert_close(estimate.gradient, per_pair[7], rtol=1e-4, atol=1e-5)
+
+
+def _unit_ratio_estimator(clip: float, baseline: float) -> ScoreFunctionEstimator:
+    estimator = ScoreFunctionEstimator("adam", clip=clip, ratio="unit")
+    estimator.baseline = baseline
+    return estimator
+
+
+def test_unit_ratios_equal_joint_ratios_for_fresh_samples(problem):
+    probs, table, generator = problem
+    samples = BernoulliMasks.sample(probs, 64, generator=generator)
+    losses = table[_index(samples)]
+    joint = ScoreFunctionEstimator("fisher", clip=2.0)
+    joint.baseline = 0.2
+    unit = ScoreFunctionEstimator("fisher", clip=2.0, ratio="unit")
+    unit.baseline = 0.2
+    a = joint.estimate(BernoulliMasks, probs, samples, losses, BernoulliMasks.log_prob(probs, samples))
+    b = unit.estimate(BernoulliMasks, probs, samples, losses, BernoulliMasks.log_prob_units(probs, samples))
+    assert b.weights.shape == samples.shape and torch.all(b.weights == 1)
+    torch.testing.assert_close(a.gradient, b.gradient)
+
+
+def test_unit_ratios_weight_each_coordinate_by_its_own_factor_and_are_unbiased_for_separable_losses():
+    """For L(m) = sum_i f_i(m_i) the other units' factors average out, so the unclipped per-unit
+    estimate of stale samples is unbiased; each coordinate carries exactly its own ratio."""
+    generator = torch.Generator().manual_seed(3)
+    units = 6
+    then = torch.full((units,), 0.5)
+    now = then + 0.15 * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    effects = torch.randn(units, 2, generator=generator)  # f_i(0), f_i(1)
+    samples = BernoulliMasks.sample(then, NUM_SAMPLES, generator=generator)
+    losses = effects.gather(1, samples.long().T).T.sum(-1)
+    log_then = BernoulliMasks.log_prob_units(then, samples)
+    estimate = _unit_ratio_estimator(math.inf, 0.0).estimate(BernoulliMasks, now, samples, losses, log_then)
+    ratios = BernoulliMasks.log_prob_units(now, samples).exp() / log_then.exp()
+    torch.testing.assert_close(estimate.weights, ratios.float())
+    grads = BernoulliMasks.grad_log_prob(now, samples)
+    advantage = losses - leave_one_out(losses)  # several samples of one batch: leave-one-out baseline
+    manual = (advantage.unsqueeze(-1) * ratios.float() * grads).mean(0)
+    torch.testing.assert_close(estimate.gradient, manual, rtol=1e-4, atol=1e-5)
+    exact = effects[:, 1] - effects[:, 0]  # d/ds_i E[L] = f_i(1) - f_i(0)
+    per_sample = losses.unsqueeze(-1) * ratios.float() * grads
+    tolerance = 5 * per_sample.std(0) / math.sqrt(NUM_SAMPLES)
+    assert torch.all((estimate.gradient - exact).abs() <= tolerance)
+
+
+def test_unit_ratios_rarely_clip_where_joint_ratios_of_many_units_always_do():
+    generator = torch.Generator().manual_seed(4)
+    units = 20_000
+    then = 0.2 + 0.6 * torch.rand(units, generator=generator)
+    now = (then + 0.02 * torch.randn(units, generator=generator)).clamp(0.01, 0.99)
+    samples = BernoulliMasks.sample(then, 8, generator=generator)
+    losses = torch.randn(8, generator=generator)
+    joint = ScoreFunctionEstimator("adam", clip=2.0)
+    joint.baseline = 0.0
+    joint_estimate = joint.estimate(BernoulliMasks, now, samples, losses, BernoulliMasks.log_prob(then, samples))
+    unit_estimate = _unit_ratio_estimator(2.0, 0.0).estimate(
+        BernoulliMasks, now, samples, losses, BernoulliMasks.log_prob_units(then, samples)
+    )
+    assert float(joint_estimate.clipped.float().mean()) > 0.5
+    assert float(unit_estimate.clipped.float().mean()) < 0.01
+
+
+def test_nm_unit_log_probs_sum_to_the_joint_and_weight_every_pattern_logit():
+    family = NMCategorical(2, 4)
+    generator = torch.Generator().manual_seed(5)
+    then, now = torch.randn(3, 6, generator=generator), torch.randn(3, 6, generator=generator)
+    choices = family.sample(then, 10, generator=generator)
+    per_unit = family.log_prob_units(then, choices)
+    assert per_unit.shape == (10, 3)
+    torch.testing.assert_close(per_unit.sum(-1), family.log_prob(then, choices))
+    estimator = ScoreFunctionEstimator("fisher", clip=math.inf, ratio="unit")
+    estimator.baseline = 0.0
+    losses = torch.randn(10, generator=generator)
+    estimate = estimator.estimate(family, now, choices, losses, per_unit)
+    ratios = (family.log_prob_units(now, choices) - per_unit).exp().float()
+    advantage = losses - leave_one_out(losses)
+    manual = (advantage.reshape(-1, 1, 1) * ratios.unsqueeze(-1) * family.grad_log_prob(now, choices)).mean(0)
+    torch.testing.assert_close(estimate.gradient, manual)
+    with pytest.raises(ValueError, match="ratio must be one of"):
+        ScoreFunctionEstimator(ratio="per-sample")

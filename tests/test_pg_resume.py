@@ -37,11 +37,15 @@ def _run(dataset, output_dir, config, optim, stop_at=None, resume=None):
 
 
 @pytest.mark.parametrize(
-    "pattern, optim", [("channels", "sgd"), ("unstructured", "adamw_torch")], ids=["channels-sgd", "unstructured-adam"]
+    "pattern, optim, ratio",
+    [("channels", "sgd", "joint"), ("unstructured", "adamw_torch", "joint"), ("channels", "sgd", "unit")],
+    ids=["channels-sgd", "unstructured-adam", "channels-unit-ratios"],
 )
-def test_resumed_training_equals_straight_training(dataset, tmp_path, pattern, optim):
+def test_resumed_training_equals_straight_training(dataset, tmp_path, pattern, optim, ratio):
     # refresh_every=3: the sample drawn at step 0 is still in use when the run resumes at step 2
-    config = SparsityConfig(method="pg", pattern=pattern, sparsity=0.3, refresh_every=3, num_samples=8)
+    config = SparsityConfig(
+        method="pg", pattern=pattern, sparsity=0.3, refresh_every=3, num_samples=8, importance_ratio=ratio
+    )
     straight = _run(dataset, tmp_path / "straight", config, optim)
     _run(dataset, tmp_path / "resumed", config, optim, stop_at=2)
     checkpoint = tmp_path / "resumed" / "checkpoint-2"
@@ -54,6 +58,8 @@ def test_resumed_training_equals_straight_training(dataset, tmp_path, pattern, o
     assert [h["staleness"] for h in resumed.history] == [0.0, 1.0, 2.0, 0.0]
     assert resumed.learner.refreshes == 2
     assert torch.equal(straight.hard_mask, resumed.hard_mask)
+    if ratio == "unit":  # one log-probability per unit of the stale sample
+        assert resumed.learner.log_prob_then.shape == (1, resumed.learner.scores.numel())
 
 
 def test_a_new_rank_starts_from_rank_zero_state_with_its_own_samples(tmp_path):

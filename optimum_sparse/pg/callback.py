@@ -98,7 +98,9 @@ class SparsityCallback(TrainerCallback):
         config = self.config
         device = next(model.parameters()).device
         self.space = build_space(model, config)
-        estimator = ScoreFunctionEstimator(config.preconditioner, config.clip, config.baseline_decay)
+        estimator = ScoreFunctionEstimator(
+            config.preconditioner, config.clip, config.baseline_decay, config.importance_ratio
+        )
         self.learner = StaleSubModelLearner(
             self.space, estimator, config.refresh_every, config.samples_per_step, device=device, seed=config.seed
         )

@@ -35,12 +35,16 @@ class BernoulliMasks:
         return uniform < p.unsqueeze(0)
 
     @staticmethod
-    def log_prob(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """log p_s(m) for each sample: shape (num_samples,), summed over units in float64."""
+    def log_prob_units(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """log p(m_i) of every unit of every sample, float64, shape of `masks`."""
         s = probs.detach().double().clamp(EPS, 1.0 - EPS)
         m = masks.double()
-        per_unit = m * s.log() + (1.0 - m) * (-s).log1p()
-        return per_unit.reshape(masks.shape[0], -1).sum(-1)
+        return m * s.log() + (1.0 - m) * (-s).log1p()
+
+    @classmethod
+    def log_prob(cls, probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """log p_s(m) for each sample: shape (num_samples,), summed over units in float64."""
+        return cls.log_prob_units(probs, masks).reshape(masks.shape[0], -1).sum(-1)
 
     @staticmethod
     def grad_log_prob(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -97,11 +101,14 @@ class NMCategorical:
         gumbel = -(-(uniform.clamp_min(1e-20)).log()).log()
         return (z.unsqueeze(0) + gumbel).argmax(-1)
 
+    def log_prob_units(self, logits: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+        """log p of every group's chosen pattern, float64, shape of `choices` (a group is the unit)."""
+        logp = torch.log_softmax(logits.detach().double(), dim=-1)
+        return logp.unsqueeze(0).expand(choices.shape[0], *logp.shape).gather(-1, choices.unsqueeze(-1)).squeeze(-1)
+
     def log_prob(self, logits: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
         """log p(choices) per sample, shape (num_samples,), summed over groups in float64."""
-        logp = torch.log_softmax(logits.detach().double(), dim=-1)
-        picked = logp.unsqueeze(0).expand(choices.shape[0], *logp.shape).gather(-1, choices.unsqueeze(-1))
-        return picked.reshape(choices.shape[0], -1).sum(-1)
+        return self.log_prob_units(logits, choices).reshape(choices.shape[0], -1).sum(-1)
 
     def grad_log_prob(self, logits: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
         """d log p / d logits = onehot(choice) - softmax(logits), shape (num_samples, *logits.shape)."""

@@ -69,7 +69,8 @@ class StaleSubModelLearner:
             return
         scores = self.scores.detach()
         self.samples = self.space.sample(scores, self.samples_per_step, generator=self.generator)
-        self.log_prob_then = self.space.log_prob(scores, self.samples)
+        per_unit = self.estimator.ratio == "unit"
+        self.log_prob_then = self.space.log_prob(scores, self.samples, per_unit=per_unit)
         self.sampled_at = self.step
         self.refreshes += 1
         self._active = None

@@ -29,7 +29,10 @@ class MaskSpace(ABC):
         """`num_samples` masks from p_scores, stacked along the first dimension."""
         return self.family.sample(scores, num_samples, generator=generator)
 
-    def log_prob(self, scores: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, scores: torch.Tensor, samples: torch.Tensor, per_unit: bool = False) -> torch.Tensor:
+        """log p of each sample (shape (num_samples,)), or of each unit of each sample (`per_unit`)."""
+        if per_unit:
+            return self.family.log_prob_units(scores, samples)
         return self.family.log_prob(scores, samples)
 
     @abstractmethod
