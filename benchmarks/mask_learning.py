@@ -91,6 +91,7 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
         refresh_every=refresh_every,
         clip=args.clip,
         importance_ratio=args.importance_ratio,
+        layer_sharing=args.layer_sharing,
         preconditioner="fisher",
         samples_per_step=args.samples_per_step,
         init="wanda",
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--clip", type=float, default=2.0)
     parser.add_argument("--importance-ratio", default="joint", choices=["joint", "unit"])
+    parser.add_argument("--layer-sharing", type=float, default=0.0, help="1: a layer's channel scores move together")
     parser.add_argument("--samples-per-step", type=int, default=1, help="2+: leave-one-out baseline per batch")
     parser.add_argument("--init-temperature", type=float, default=1.0, help="< 1: sharper Wanda initialisation")
     parser.add_argument("--final-weight-update", default=None, choices=[None, "admm"])

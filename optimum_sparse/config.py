@@ -129,6 +129,10 @@ class SparsityConfig:
         clip: (pg) importance ratios are clipped to [1/clip, clip] (>= 1; inf: no clipping).
         importance_ratio: (pg) reweight a stale sample by its "joint" ratio p_now(m) / p_then(m), or
             each unit's gradient by that unit's own factor of it ("unit"; see pg/estimator.py).
+        layer_sharing: (pg, pattern "channels") in [0, 1]: each unit's score gradient is mixed with
+            the mean gradient of its layer group, g <- (1 - a) g + a mean_layer(g). With a = 1 the
+            scores of a layer move together (learning how many units each layer keeps, while the
+            initialisation keeps ranking the units inside it): ~sqrt(units per layer) less noise.
         preconditioner: (pg) "fisher" scales Bernoulli gradients by s(1 - s) (natural gradient;
             pair with optim="sgd"), "adam" leaves the raw gradient to an adaptive optimizer.
         samples_per_step: (pg) sub-models evaluated per forward pass (each batch runs through each);
@@ -187,6 +191,7 @@ class SparsityConfig:
     refresh_every: int = 1
     clip: float = 2.0
     importance_ratio: str = "joint"
+    layer_sharing: float = 0.0
     preconditioner: str = "fisher"
     samples_per_step: int = 1
     init: str = "wanda"
@@ -296,6 +301,12 @@ class SparsityConfig:
         if not _finite_positive(self.pg_block_lr):
             raise ValueError(f"pg_block_lr must be a finite number > 0, got {self.pg_block_lr!r}")
         self.pg_block_lr = float(self.pg_block_lr)
+        sharing = self.layer_sharing
+        if isinstance(sharing, bool) or not isinstance(sharing, (int, float)) or not 0.0 <= sharing <= 1.0:
+            raise ValueError(f"layer_sharing must be a number in [0, 1], got {sharing!r}")
+        self.layer_sharing = float(sharing)
+        if self.layer_sharing > 0 and self.method == "pg" and self.pattern != "channels":
+            raise ValueError("layer_sharing applies to pattern 'channels' (its layer groups); set it to 0")
         if self.method == "pg" and self.pg_objective == "block" and self.pattern == "channels":
             raise ValueError(
                 "pg_objective='block' learns per-weight masks (unstructured or N:M); channel masks are learned "

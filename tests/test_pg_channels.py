@@ -98,3 +98,39 @@ def test_wanda_init_spreads_the_budget_over_layers_whose_metric_scale_differs():
         if group.kind == "mlp":
             kept = float(hard[group.offset : group.offset + group.num_units].float().mean())
             assert 0.2 < kept < 0.8, f"{group.name} keeps {kept:.2f} of its channels"
+
+
+@pytest.mark.parametrize("sharing", [1.0, 0.5])
+def test_layer_sharing_mixes_each_units_gradient_with_its_layer_mean(sharing):
+    from optimum_sparse.config import SparsityConfig
+    from optimum_sparse.pg.callback import build_space
+    from optimum_sparse.pg.estimator import ScoreFunctionEstimator
+    from optimum_sparse.pg.learner import StaleSubModelLearner
+
+    config = SparsityConfig(method="pg", pattern="channels", sparsity=0.3, layer_sharing=sharing)
+    space = build_space(build_model("llama"), config)
+
+    def gradient(layer_sharing: float) -> torch.Tensor:
+        learner = StaleSubModelLearner(space, ScoreFunctionEstimator(), seed=0, layer_sharing=layer_sharing)
+        learner.estimator.baseline = 1.0
+        learner.training_loss(lambda: torch.tensor(2.5)).backward()
+        learner.deactivate()
+        return learner.scores.grad.clone()
+
+    plain, shared = gradient(0.0), gradient(sharing)
+    for group in space.groups:
+        units = slice(group.offset, group.offset + group.num_units)
+        expected = (1 - sharing) * plain[units] + sharing * plain[units].mean()
+        torch.testing.assert_close(shared[units], expected)
+        if sharing == 1.0:  # a layer's scores move together
+            assert torch.allclose(shared[units], shared[units][0].expand(group.num_units))
+    assert not torch.allclose(plain, shared)
+
+
+def test_layer_sharing_is_refused_outside_channels():
+    from optimum_sparse.config import SparsityConfig
+
+    with pytest.raises(ValueError, match="layer_sharing applies to pattern 'channels'"):
+        SparsityConfig(method="pg", pattern="unstructured", sparsity=0.5, layer_sharing=0.5)
+    with pytest.raises(ValueError, match=r"layer_sharing must be a number in \[0, 1\]"):
+        SparsityConfig(method="pg", pattern="channels", sparsity=0.5, layer_sharing=2)

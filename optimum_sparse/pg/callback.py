@@ -102,7 +102,13 @@ class SparsityCallback(TrainerCallback):
             config.preconditioner, config.clip, config.baseline_decay, config.importance_ratio
         )
         self.learner = StaleSubModelLearner(
-            self.space, estimator, config.refresh_every, config.samples_per_step, device=device, seed=config.seed
+            self.space,
+            estimator,
+            config.refresh_every,
+            config.samples_per_step,
+            device=device,
+            seed=config.seed,
+            layer_sharing=config.layer_sharing,
         )
         wiring.install(model, self.learner)
         self.model = model

@@ -76,6 +76,14 @@ class ChannelSpace(MaskSpace):
     def deactivate(self) -> None:
         self.masker.deactivate()
 
+    def group_means(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of `values` over each group (one layer's MLP channels, or its attention KV groups)."""
+        means = torch.empty_like(values)
+        for group in self.groups:
+            units = slice(group.offset, group.offset + group.num_units)
+            means[units] = values[units].mean()
+        return means
+
     def instantiation_stats(self) -> dict[str, float]:
         """Sliced sub-models built so far and the seconds spent building them (empty when masking)."""
         if isinstance(self.masker, SlicedSubModels):

@@ -43,8 +43,10 @@ class StaleSubModelLearner:
         samples_per_step: int = 1,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        layer_sharing: float = 0.0,
     ):
         self.space = space
+        self.layer_sharing = layer_sharing
         self.estimator = estimator
         self.refresh_every = refresh_every
         self.samples_per_step = samples_per_step
@@ -111,7 +113,11 @@ class StaleSubModelLearner:
                 "staleness": float(self.step - self.sampled_at),
             }
         )
-        return surrogate_loss(self.scores, estimate.gradient.to(self.scores.device), losses_tensor.mean())
+        gradient = estimate.gradient.to(self.scores.device)
+        if self.layer_sharing > 0:
+            shared = self.space.group_means(gradient)
+            gradient = (1.0 - self.layer_sharing) * gradient + self.layer_sharing * shared
+        return surrogate_loss(self.scores, gradient, losses_tensor.mean())
 
     @torch.no_grad()
     def project(self) -> None:

@@ -35,6 +35,10 @@ class MaskSpace(ABC):
             return self.family.log_prob_units(scores, samples)
         return self.family.log_prob(scores, samples)
 
+    def group_means(self, values: torch.Tensor) -> torch.Tensor:
+        """Each unit's value replaced by the mean over its layer group (for `layer_sharing`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no layer groups to share gradients in")
+
     @abstractmethod
     def activate(self, sample: torch.Tensor) -> None:
         """Make the model compute the sub-model of one sample (one row of `sample(...)`)."""
