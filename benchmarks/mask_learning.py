@@ -115,10 +115,13 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
         init_temperature=args.init_temperature,
         learning_rate=args.learning_rate,
         eval_windows=args.eval_max_windows,
+        importance_ratio=args.importance_ratio,
+        layer_sharing=args.layer_sharing,
     )
-    record["ppl_magnitude"] = score_ppl(callback, magnitude, evaluate)
-    record["ppl_wanda"] = score_ppl(callback, wanda, evaluate)
-    logger.info("sparsity %s: magnitude %.2f, wanda %.2f", sparsity, record["ppl_magnitude"], record["ppl_wanda"])
+    if not args.skip_baselines:
+        record["ppl_magnitude"] = score_ppl(callback, magnitude, evaluate)
+        record["ppl_wanda"] = score_ppl(callback, wanda, evaluate)
+        logger.info("sparsity %s: magnitude %.2f, wanda %.2f", sparsity, record["ppl_magnitude"], record["ppl_wanda"])
     with torch.no_grad():
         callback.learner.scores.copy_(wanda)
 
@@ -174,9 +177,10 @@ def table(records: list[dict]) -> str:
     ]
     for r in records:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+        magnitude, wanda = (f"{r[key]:.2f}" if key in r else "-" for key in ("ppl_magnitude", "ppl_wanda"))
         lines.append(
-            f"| {r['pattern']} | {r['sparsity']} | {r['refresh_every']} | {r['ppl_magnitude']:.2f} | "
-            f"{r['ppl_wanda']:.2f} | {r['ppl_learned']:.2f} | {r['steps']} | {r['seconds_per_step']:.2f} | "
+            f"| {r['pattern']} | {r['sparsity']} | {r['refresh_every']} | {magnitude} | "
+            f"{wanda} | {r['ppl_learned']:.2f} | {r['steps']} | {r['seconds_per_step']:.2f} | "
             f"{r['instantiations']} | {speed} |"
         )
     return "\n".join(lines)
@@ -200,6 +204,9 @@ def main() -> None:
     parser.add_argument("--init-temperature", type=float, default=1.0, help="< 1: sharper Wanda initialisation")
     parser.add_argument("--final-weight-update", default=None, choices=[None, "admm"])
     parser.add_argument("--eval-max-windows", type=int, default=40)
+    parser.add_argument(
+        "--skip-baselines", action="store_true", help="do not evaluate the magnitude / Wanda-structured masks"
+    )
     parser.add_argument("--speed-tokens", type=int, default=1024)
     parser.add_argument("--speed-repeats", type=int, default=5)
     parser.add_argument("--work-dir", default=os.path.join("/tmp", "optimum-sparse-mask-learning"))
