@@ -239,7 +239,7 @@ class SparsityCallback(TrainerCallback):
         learner.deactivate()  # the dense model: what a weight refit starts from
         wiring.uninstall(model)
         if self.config.final_weight_update == "admm":
-            self._refit(self.space.weight_masks(self.hard_mask))
+            self.refit_kept_weights(self.space.weight_masks(self.hard_mask))
         self.masks = self.space.finalize(self.hard_mask)
         sparsity = self.space.sparsity_of(self.hard_mask)
         logger.info(
@@ -247,8 +247,12 @@ class SparsityCallback(TrainerCallback):
         )
         return self.masks
 
-    def _refit(self, masks: dict[str, torch.Tensor]) -> None:
-        """ADMM weight update (Boza 2024) of the kept weights, from the dense ones, for the hard masks."""
+    def refit_kept_weights(self, masks: dict[str, torch.Tensor]) -> None:
+        """ADMM weight update (Boza 2024) of the kept weights for `masks` (as `self.masks`).
+
+        Starts from the weights the model holds now, which must be the dense ones: `final_weight_update=
+        "admm"` calls it before the hard mask is written; after training, restore the dense weights
+        first (the benchmark does, to measure a learned mask with and without the refit)."""
         if self.calibration is None:
             logger.warning("final_weight_update='admm' needs `calibration` token ids; skipping the refit")
             return
