@@ -92,6 +92,7 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
         clip=args.clip,
         importance_ratio=args.importance_ratio,
         layer_sharing=args.layer_sharing,
+        harden_scope=args.harden_scope,
         preconditioner="fisher",
         samples_per_step=args.samples_per_step,
         init="wanda",
@@ -212,6 +213,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--clip", type=float, default=2.0)
     parser.add_argument("--importance-ratio", default="joint", choices=["joint", "unit"])
+    parser.add_argument(
+        "--harden-scope", default="global", choices=["global", "layer", "row"], help="row: Wanda's per-row rule"
+    )
     parser.add_argument("--layer-sharing", type=float, default=0.0, help="1: a layer's channel scores move together")
     parser.add_argument("--samples-per-step", type=int, default=1, help="2+: leave-one-out baseline per batch")
     parser.add_argument("--init-temperature", type=float, default=1.0, help="< 1: sharper Wanda initialisation")

@@ -44,7 +44,7 @@ PG_INITS = ("wanda", "uniform")
 PG_OBJECTIVES = ("lm", "block")
 #: how sampled channel sub-models are instantiated during training (weight patterns are always masked)
 PG_SUBMODELS = ("sliced", "masked")
-HARDEN_SCOPES = ("global", "layer")
+HARDEN_SCOPES = ("global", "layer", "row")
 
 #: per-layer solvers SparseLLM may use for the attention projections and inside its MLP updates
 INNER_SOLVERS = ("admm", "sparsegpt")
@@ -151,7 +151,8 @@ class SparsityConfig:
             block, their SGD step size, and calibration windows evaluated per update.
         baseline_decay: (pg) decay of the loss baseline's exponential moving average.
         harden_scope: (pg) final masks keep the top keep-probabilities "global"ly under the budget
-            or within each "layer" (each MLP / attention module, or linear) at the same sparsity.
+            or within each "layer" (each MLP / attention module, or linear) at the same sparsity, or
+            (per-weight masks) within each output "row", Wanda's rule: the initial mask is then Wanda's.
         pg_submodels: (pg, pattern "channels") "sliced": each sampled sub-model is built once as
             smaller dense layers and reused while stale; "masked": forward hooks zero the units.
     """
@@ -307,6 +308,8 @@ class SparsityConfig:
         self.layer_sharing = float(sharing)
         if self.layer_sharing > 0 and self.method == "pg" and self.pattern != "channels":
             raise ValueError("layer_sharing applies to pattern 'channels' (its layer groups); set it to 0")
+        if self.harden_scope == "row" and self.pattern == "channels":
+            raise ValueError("harden_scope='row' is for per-weight masks; channel masks harden 'global' or per 'layer'")
         if self.method == "pg" and self.pg_objective == "block" and self.pattern == "channels":
             raise ValueError(
                 "pg_objective='block' learns per-weight masks (unstructured or N:M); channel masks are learned "

@@ -213,3 +213,9 @@ def test_missing_eval_file(tokenizer, tmp_path):
 def test_eval_text_shorter_than_one_window():
     with pytest.raises(ValueError, match="evaluation text has 10 tokens, fewer than one window of 32"):
         perplexity(build_model("llama"), data=torch.arange(10), seq_len=32, show_progress=False)
+
+
+def test_row_hardening_is_for_per_weight_masks():
+    assert SparsityConfig(method="pg", pattern="unstructured", sparsity=0.5, harden_scope="row").harden_scope == "row"
+    with pytest.raises(ValueError, match="harden_scope='row' is for per-weight masks"):
+        SparsityConfig(method="pg", pattern="channels", sparsity=0.5, harden_scope="row")
