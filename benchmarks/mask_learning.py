@@ -100,6 +100,7 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
         final_weight_update=None,  # applied below, after the learned mask alone is measured
         num_samples=32,
         seq_len=args.seq_len,
+        seed=args.seed,
     )
     callback = SparsityCallback(config, calibration=calibration)
     callback.prepare(model)
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
         eval_windows=args.eval_max_windows,
         importance_ratio=args.importance_ratio,
         layer_sharing=args.layer_sharing,
+        seed=args.seed,
     )
     if not args.skip_baselines:
         record["ppl_magnitude"] = score_ppl(callback, magnitude, evaluate)
@@ -221,6 +223,7 @@ def main() -> None:
     parser.add_argument("--init-temperature", type=float, default=1.0, help="< 1: sharper Wanda initialisation")
     parser.add_argument("--final-weight-update", default=None, choices=[None, "admm"])
     parser.add_argument("--eval-max-windows", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the mask sampler")
     parser.add_argument(
         "--skip-baselines", action="store_true", help="do not evaluate the magnitude / Wanda-structured masks"
     )
