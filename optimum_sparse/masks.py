@@ -29,9 +29,9 @@ def topk_mask(scores: torch.Tensor, sparsity: float, scope: str = "row", prune_t
     """
     if scope not in ("row", "layer"):
         raise ValueError(f"scope must be 'row' or 'layer', got {scope!r}")
-    mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if prune_ties:
         return _threshold_mask(scores, sparsity, scope)
+    mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if scope == "layer" or scores.dim() == 1:
         k = num_pruned(scores.numel(), sparsity)
         if k:
