@@ -47,18 +47,12 @@ def topk_mask(scores: torch.Tensor, sparsity: float, scope: str = "row", prune_t
 
 def _threshold_mask(scores: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
     """`topk_mask(..., prune_ties=True)`: keep only scores above the (k + 1)-th smallest."""
-    if scope == "layer" or scores.dim() == 1:
-        k = num_pruned(scores.numel(), sparsity)
-        if k == 0:
-            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-        flat = scores.flatten()
-        threshold = torch.kthvalue(flat.float(), min(k + 1, flat.numel())).values
-        return scores.float() > threshold
-    k = num_pruned(scores.shape[-1], sparsity)
+    rows = scores.reshape(1, -1) if scope == "layer" or scores.dim() == 1 else scores
+    k = num_pruned(rows.shape[-1], sparsity)
     if k == 0:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    threshold = torch.kthvalue(scores.float(), min(k + 1, scores.shape[-1]), dim=-1, keepdim=True).values
-    return scores.float() > threshold
+    threshold = torch.kthvalue(rows.float(), min(k + 1, rows.shape[-1]), dim=-1, keepdim=True).values
+    return (rows.float() > threshold).reshape(scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -6,6 +6,10 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, INTERMEDIATE, VOCAB_SIZE, build_model
 
+from optimum_sparse.config import SparsityConfig
+from optimum_sparse.pg.callback import build_space
+from optimum_sparse.pg.estimator import ScoreFunctionEstimator
+from optimum_sparse.pg.learner import StaleSubModelLearner
 from optimum_sparse.pg.masking import ChannelMasker
 from optimum_sparse.pg.slicing import slice_channels
 from optimum_sparse.pg.units import find_channel_groups, unit_costs
@@ -102,11 +106,6 @@ def test_wanda_init_spreads_the_budget_over_layers_whose_metric_scale_differs():
 
 @pytest.mark.parametrize("sharing", [1.0, 0.5])
 def test_layer_sharing_mixes_each_units_gradient_with_its_layer_mean(sharing):
-    from optimum_sparse.config import SparsityConfig
-    from optimum_sparse.pg.callback import build_space
-    from optimum_sparse.pg.estimator import ScoreFunctionEstimator
-    from optimum_sparse.pg.learner import StaleSubModelLearner
-
     config = SparsityConfig(method="pg", pattern="channels", sparsity=0.3, layer_sharing=sharing)
     space = build_space(build_model("llama"), config)
 
@@ -128,8 +127,6 @@ def test_layer_sharing_mixes_each_units_gradient_with_its_layer_mean(sharing):
 
 
 def test_layer_sharing_is_refused_outside_channels():
-    from optimum_sparse.config import SparsityConfig
-
     with pytest.raises(ValueError, match="layer_sharing applies to pattern 'channels'"):
         SparsityConfig(method="pg", pattern="unstructured", sparsity=0.5, layer_sharing=0.5)
     with pytest.raises(ValueError, match=r"layer_sharing must be a number in \[0, 1\]"):

@@ -73,9 +73,7 @@ def learn_block_masks(context: BlockContext, config: SparsityConfig, solver: Sol
             for name, module in space.layout.modules.items()
         ]
     )
-    estimator = ScoreFunctionEstimator(
-        config.preconditioner, config.clip, config.baseline_decay, config.importance_ratio
-    )
+    estimator = ScoreFunctionEstimator.from_config(config)
     learner = StaleSubModelLearner(
         space, estimator, config.refresh_every, config.samples_per_step, context.device, config.seed + context.index
     )

@@ -98,9 +98,7 @@ class SparsityCallback(TrainerCallback):
         config = self.config
         device = next(model.parameters()).device
         self.space = build_space(model, config)
-        estimator = ScoreFunctionEstimator(
-            config.preconditioner, config.clip, config.baseline_decay, config.importance_ratio
-        )
+        estimator = ScoreFunctionEstimator.from_config(config)
         self.learner = StaleSubModelLearner(
             self.space,
             estimator,

@@ -38,8 +38,9 @@ from typing import Protocol
 
 import torch
 
-PRECONDITIONERS = ("fisher", "adam")
-RATIOS = ("joint", "unit")
+from optimum_sparse.config import PG_PRECONDITIONERS as PRECONDITIONERS
+from optimum_sparse.config import PG_RATIOS as RATIOS
+from optimum_sparse.config import SparsityConfig
 
 
 class MaskFamily(Protocol):
@@ -135,13 +136,18 @@ class ScoreFunctionEstimator:
             raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
         if ratio not in RATIOS:
             raise ValueError(f"ratio must be one of {RATIOS}, got {ratio!r}")
-        self.ratio = ratio
         if not 0.0 <= baseline_decay < 1.0:
             raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
+        self.ratio = ratio
         self.preconditioner = preconditioner
         self.clip = float(clip)
         self.baseline_decay = baseline_decay
         self.baseline: float | None = None
+
+    @classmethod
+    def from_config(cls, config: SparsityConfig) -> ScoreFunctionEstimator:
+        """The estimator a `SparsityConfig` of method "pg" describes."""
+        return cls(config.preconditioner, config.clip, config.baseline_decay, config.importance_ratio)
 
     def estimate(
         self,

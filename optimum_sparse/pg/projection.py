@@ -7,8 +7,9 @@ i.e. the expected number of kept parameters.
 `project_to_budget` is the projection in the cost-weighted metric sum_i c_i (x_i - s_i)^2 (every
 parameter counts alike): by the KKT conditions the solution is x_i = clip(s_i - tau, 0, 1) for one
 shift tau, found by safeguarded Newton steps since the kept mass is monotone and piecewise linear in
-tau (the shift-and-clip projection of the design notes; with unit costs it is the Euclidean projection). `sigmoid_to_budget` finds the
-logit shift that puts sigmoid(z + tau) on the budget (Wanda-style initialisation).
+tau (the shift-and-clip projection of the design notes; with unit costs it is the Euclidean
+projection). `sigmoid_to_budget` finds the logit shift that puts sigmoid(z + tau) on the budget
+(Wanda-style initialisation).
 """
 
 from __future__ import annotations
