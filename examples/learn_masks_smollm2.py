@@ -20,10 +20,9 @@ import argparse
 import logging
 import os
 
-import torch
 from transformers import Trainer, TrainingArguments
 
-from optimum_sparse import SparsityCallback, SparsityConfig, perplexity
+from optimum_sparse import SparsityCallback, SparsityConfig, perplexity, save_sliced_model
 from optimum_sparse.calibration import TokenWindowDataset, load_text, sample_windows, tokenize
 from optimum_sparse.loading import load_model_and_tokenizer
 
@@ -55,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-dir", default="learn-masks-smollm2", help="Trainer output (checkpoints, logs)")
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
-    parser.add_argument("--output", default=None, help="save the sliced model here (torch.save)")
+    parser.add_argument("--output", default=None, help="save the sliced model here (reload: load_sliced_model)")
     return parser.parse_args()
 
 
@@ -119,8 +118,7 @@ def main() -> None:
         logger.info("perplexity dense  %.2f", dense_ppl)
         logger.info("perplexity masked %.2f, sliced %.2f", masked_ppl, sliced_ppl)
         if args.output:
-            torch.save(model, args.output)
-            logger.info("saved the sliced model to %s", args.output)
+            save_sliced_model(model, args.output, tokenizer=tokenizer)  # optimum_sparse.load_sliced_model reads it
 
 
 if __name__ == "__main__":

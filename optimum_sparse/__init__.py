@@ -14,6 +14,8 @@ _LAZY = {
     "SparseFineTuneCallback": "optimum_sparse.callbacks",
     "SparsityCallback": "optimum_sparse.pg",
     "merge_and_mask": "optimum_sparse.peft_utils",
+    "load_sliced_model": "optimum_sparse.pg",
+    "save_sliced_model": "optimum_sparse.pg",
 }
 
 
@@ -39,10 +41,12 @@ __all__ = [
     "SparsityConfig",
     "__version__",
     "available_methods",
+    "load_sliced_model",
     "merge_and_mask",
     "perplexity",
     "prune",
     "refit_weights",
     "register_solver",
+    "save_sliced_model",
     "sparsity_report",
 ]

@@ -8,7 +8,7 @@ from conftest import SEQ_LEN, build_model
 from pg_helpers import Windows, make_trainer
 from transformers import Trainer
 
-from optimum_sparse import SparsityCallback, SparsityConfig
+from optimum_sparse import SparsityCallback, SparsityConfig, load_sliced_model, save_sliced_model
 from optimum_sparse.calibration import sample_windows, tokenize
 from optimum_sparse.masks import is_valid_nm
 
@@ -73,10 +73,15 @@ def test_trainer_learns_channel_scores(dataset, tmp_path):
     ids = dataset.ids[:2]
     with torch.no_grad():
         masked = model(input_ids=ids).logits
-    callback.slice_model()
+    kept = callback.slice_model()
     with torch.no_grad():
         sliced = model(input_ids=ids).logits
     assert torch.allclose(masked, sliced, atol=1e-5)
+    # ... and the sliced model saves and reloads as itself (widths recorded in the config)
+    assert model.config.sliced_units == kept
+    save_sliced_model(model, tmp_path / "sliced")
+    with torch.no_grad():
+        assert torch.equal(load_sliced_model(tmp_path / "sliced")(input_ids=ids).logits, sliced)
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])

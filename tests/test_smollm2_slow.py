@@ -47,3 +47,28 @@ def test_smollm2_wanda_half_sparsity_keeps_a_finite_perplexity():
     assert dense < pruned < 20 * dense, (dense, pruned)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=eval_ids[:64].unsqueeze(0)).logits).all()
+
+
+def test_smollm2_sliced_checkpoint_is_smaller_and_reloads_with_the_same_logits(tmp_path):
+    from optimum_sparse import load_sliced_model, save_sliced_model
+    from optimum_sparse.pg.sliced_checkpoint import record_sliced_units
+    from optimum_sparse.pg.slicing import slice_channels
+    from optimum_sparse.pg.units import find_channel_groups
+
+    model, tokenizer = load_model_and_tokenizer(None)
+    dense_parameters = sum(p.numel() for p in model.parameters())
+    groups = find_channel_groups(model)
+    keep = torch.ones(sum(g.num_units for g in groups), dtype=torch.bool)
+    for index, group in enumerate(groups):  # each layer drops a different number of its last units
+        end = group.offset + group.num_units
+        keep[end - min(group.num_units // 3 + index, group.num_units - 1) : end] = False
+    record_sliced_units(model, slice_channels(groups, keep))
+    ids = tokenize(load_text(WIKITEXT_TEST), tokenizer)[:128].reshape(1, -1)
+    save_sliced_model(model, tmp_path / "sliced", tokenizer=tokenizer)
+    loaded, _ = load_model_and_tokenizer(str(tmp_path / "sliced"))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    parameters = sum(p.numel() for p in loaded.parameters())
+    assert parameters == sum(p.numel() for p in model.parameters()) < 0.8 * dense_parameters
+    assert len(set(loaded.config.sliced_units.values())) > 2
+    assert load_sliced_model(tmp_path / "sliced", dtype="bfloat16").dtype == torch.bfloat16

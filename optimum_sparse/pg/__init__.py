@@ -3,13 +3,15 @@
 distributions (Bernoulli / N:M categorical masks), estimator (score-function gradient, importance
 weights, surrogate loss), projection (budget), units / masking / slicing / instances (channel
 sub-models), spaces (channels, unstructured, N:M), wanda_init, learner, wiring (Trainer integration),
-distributed (several processes), checkpointing (resume), callback.
+distributed (several processes), checkpointing (resume), sliced_checkpoint (save / reload a sliced
+model), callback.
 """
 
 from optimum_sparse.pg.callback import SparsityCallback, build_space
 from optimum_sparse.pg.distributions import BernoulliMasks, NMCategorical
 from optimum_sparse.pg.estimator import ScoreFunctionEstimator, importance_weights, surrogate_loss
 from optimum_sparse.pg.projection import harden_to_budget, project_to_budget, sigmoid_to_budget
+from optimum_sparse.pg.sliced_checkpoint import load_sliced_model, save_sliced_model
 from optimum_sparse.pg.slicing import slice_channels
 from optimum_sparse.pg.units import find_channel_groups
 
@@ -22,7 +24,9 @@ __all__ = [
     "find_channel_groups",
     "harden_to_budget",
     "importance_weights",
+    "load_sliced_model",
     "project_to_budget",
+    "save_sliced_model",
     "sigmoid_to_budget",
     "slice_channels",
     "surrogate_loss",

@@ -37,6 +37,7 @@ from optimum_sparse.pg import checkpointing, distributed, wiring
 from optimum_sparse.pg.channel_space import ChannelSpace
 from optimum_sparse.pg.estimator import ScoreFunctionEstimator
 from optimum_sparse.pg.learner import StaleSubModelLearner
+from optimum_sparse.pg.sliced_checkpoint import record_sliced_units
 from optimum_sparse.pg.space import MaskSpace
 from optimum_sparse.pg.wanda_init import input_norms, layers_of, wanda_metric
 from optimum_sparse.pg.weight_space import NMSpace, UnstructuredSpace
@@ -266,12 +267,19 @@ class SparsityCallback(TrainerCallback):
         logger.info("refitted the kept weights by ADMM on %d calibration sequences", self.calibration.shape[0])
 
     def slice_model(self) -> dict[str, int]:
-        """For pattern "channels": replace the layers by smaller dense ones without the pruned units."""
+        """For pattern "channels": replace the layers by smaller dense ones without the pruned units.
+
+        Returns the kept units per module, also recorded in `model.config.sliced_units`: save the
+        sliced model with `save_sliced_model` (or `model.save_pretrained`) and reload it with
+        `load_sliced_model`.
+        """
         if not isinstance(self.space, ChannelSpace):
             raise ValueError("only channel masks can be sliced into a smaller dense model")
         if self.hard_mask is None:
             self.finalize()
-        return self.space.slice_model(self.hard_mask)
+        kept = self.space.slice_model(self.hard_mask)
+        record_sliced_units(self.model, kept)  # model.save_pretrained then writes a reloadable checkpoint
+        return kept
 
     @property
     def history(self) -> list[dict[str, float]]:
