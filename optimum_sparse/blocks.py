@@ -275,6 +275,8 @@ class BlockContext:
     with_hessian: bool
     result: PruningResult
     refit: Solver | None = None
+    #: the model's config, for block-level solvers that need the architecture (head counts)
+    model_config: object | None = None
 
     def groups(self, layers: list[PrunableLayer] | None = None) -> list[list[PrunableLayer]]:
         """Layers grouped by shared input tensor (q/k/v; gate/up), in call order."""

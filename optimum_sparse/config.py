@@ -144,9 +144,10 @@ class SparsityConfig:
             stay near the initial hard mask and only borderline units are explored.
         final_weight_update: (pg) None, or "admm" to refit the kept weights after hardening.
         pg_objective: (pg) "lm": the sampled sub-model's language-modelling loss, learned in a
-            Trainer by `SparsityCallback`; "block": per-weight masks (unstructured / N:M) learned one
-            block at a time by `prune()`, the loss being the block output's relative squared error
-            against the dense block on the calibration windows (see docs/mask_learning.md).
+            Trainer by `SparsityCallback`; "block": masks learned one block at a time by `prune()`,
+            the loss being the block output's relative squared error against the dense block on the
+            calibration windows (per-weight masks, or channels at the sparsity of each block's own
+            parameters; see docs/mask_learning.md).
         pg_block_steps, pg_block_lr, pg_block_windows: (pg, objective "block") score updates per
             block, their SGD step size, and calibration windows evaluated per update.
         baseline_decay: (pg) decay of the loss baseline's exponential moving average.
@@ -310,11 +311,6 @@ class SparsityConfig:
             raise ValueError("layer_sharing applies to pattern 'channels' (its layer groups); set it to 0")
         if self.harden_scope == "row" and self.pattern == "channels":
             raise ValueError("harden_scope='row' is for per-weight masks; channel masks harden 'global' or per 'layer'")
-        if self.method == "pg" and self.pg_objective == "block" and self.pattern == "channels":
-            raise ValueError(
-                "pg_objective='block' learns per-weight masks (unstructured or N:M); channel masks are learned "
-                "with pg_objective='lm' by SparsityCallback"
-            )
         clip = self.clip
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 1.0:
             raise ValueError(f"clip bounds importance ratios to [1/clip, clip]: a number >= 1 (or inf), got {clip!r}")

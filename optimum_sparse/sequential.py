@@ -108,6 +108,7 @@ def prune(
         or (fixed_masks is not None and getattr(solver, "requires_hessian", False))
     )
     device = resolve_device(config.device)
+    model_config = getattr(model, "config", None)
     result = PruningResult()
     desc = f"Pruning ({config.describe()})"
     was_training = model.training
@@ -133,7 +134,9 @@ def prune(
             home = next(block.parameters()).device
             block.to(device)
             inputs.use_block(index)
-            context = BlockContext(block, index, per_block[index], inputs, device, with_hessian, result, refit)
+            context = BlockContext(
+                block, index, per_block[index], inputs, device, with_hessian, result, refit, model_config
+            )
             if fixed_masks is None and hasattr(solver, "prune_block"):
                 solver.prune_block(context)  # block-level method (e.g. SparseLLM's joint MLP pruning)
             else:

@@ -1,15 +1,18 @@
-"""pg_objective="block": per-weight masks learned block by block inside prune()."""
+"""pg_objective="block": per-weight and channel masks learned block by block inside prune()."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SEQ_LEN, build_model
+from conftest import ARCHITECTURES, SEQ_LEN, build_model
 
 from optimum_sparse import SparsityCallback, SparsityConfig, prune
 from optimum_sparse.architecture import get_weight
 from optimum_sparse.calibration import sample_windows, tokenize
 from optimum_sparse.masks import is_valid_nm
+from optimum_sparse.pg.channel_space import ChannelSpace
+from optimum_sparse.pg.slicing import slice_channels
+from optimum_sparse.pg.units import find_channel_groups, unit_costs
 from optimum_sparse.solvers import get_solver_class
 
 
@@ -78,9 +81,46 @@ def test_block_objective_learns_valid_nm_masks_and_takes_the_admm_refit(windows)
         assert 0 < both.layer_errors[name] < 1
 
 
-def test_block_objective_refuses_channels_and_the_trainer_callback_refuses_it():
-    with pytest.raises(ValueError, match="per-weight masks"):
-        SparsityConfig(method="pg", pattern="channels", sparsity=0.3, pg_objective="block")
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_block_objective_channels_remove_whole_units_at_each_blocks_budget(arch, tokenizer, calibration_text):
+    """Channel masks learned per block: whole rows/columns, the block's budget, the guard's promise."""
+    windows = sample_windows(tokenize(calibration_text, tokenizer), 8, SEQ_LEN, seed=0)
+    model = build_model(arch)
+    config = _config(pattern="channels", sparsity=0.4, num_samples=8, pg_block_steps=30, samples_per_step=2)
+    result, solver = _solver_of(model, config, windows)
+    groups = find_channel_groups(model)
+    assert len(result.masks) == sum(len(g.slices) for g in groups)
+    keep = torch.zeros(sum(g.num_units for g in groups), dtype=torch.bool)
+    for group in groups:  # recover the unit mask from the written layers; it must explain every mask
+        consumer = group.consumer
+        columns = result.masks[f"{group.name}.{consumer.attr}"].any(0)
+        for unit in range(group.num_units):
+            keep[group.offset + unit] = bool(columns[consumer.indices(torch.tensor([unit]))].all())
+    space = ChannelSpace(model, 0.4)
+    expected = space.weight_masks(keep)
+    assert all(torch.equal(result.masks[name], expected[name]) for name in result.masks)
+    costs = unit_costs(groups)
+    for block in range(2):  # each block removes >= 40% of its parameters, less than one more unit beyond
+        units = slice(groups[2 * block].offset, groups[2 * block + 1].offset + groups[2 * block + 1].num_units)
+        removed = float(costs[units][~keep[units]].sum()) / float(costs[units].sum())
+        assert 0.4 <= removed < 0.4 + float(costs[units].max()) / float(costs[units].sum())
+    for report in solver.reports.values():
+        assert report.used_learned == (report.learned_error <= report.initial_error)
+    # the pruned model computes what its sliced version computes (removed units' biases are zero too)
+    ids = windows[:2, :12]
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+        slice_channels(groups, keep)
+        assert torch.allclose(model(input_ids=ids).logits, masked, atol=1e-5)
+
+
+def test_block_objective_channels_need_every_projection_as_a_target(windows):
+    config = _config(pattern="channels", sparsity=0.3, ignore=["down_proj"])
+    with pytest.raises(ValueError, match="not targets"):
+        prune(build_model("llama"), config, windows, show_progress=False)
+
+
+def test_the_trainer_callback_refuses_the_block_objective():
     with pytest.raises(ValueError, match="block by block in optimum_sparse.prune"):
         SparsityCallback(SparsityConfig(method="pg", sparsity=0.5, pg_objective="block"))
     with pytest.raises(ValueError, match="pg_objective='block'"):

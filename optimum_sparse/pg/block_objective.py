@@ -25,9 +25,12 @@ import torch
 from optimum_sparse.architecture import get_weight
 from optimum_sparse.blocks import BlockContext, prune_and_write
 from optimum_sparse.config import SparsityConfig
+from optimum_sparse.pg.channel_space import ChannelSpace
 from optimum_sparse.pg.estimator import ScoreFunctionEstimator
 from optimum_sparse.pg.learner import StaleSubModelLearner
 from optimum_sparse.pg.space import MaskSpace
+from optimum_sparse.pg.units import block_channel_groups
+from optimum_sparse.pg.wanda_init import layers_of, wanda_metric
 from optimum_sparse.pg.weight_space import NMSpace, UnstructuredSpace
 from optimum_sparse.solvers.base import Solver
 from optimum_sparse.solvers.wanda import wanda_scores
@@ -47,7 +50,32 @@ class BlockLearningReport:
     used_learned: bool
 
 
+def _block_prefix(context: BlockContext) -> str:
+    """The block's full module name, read off one of its target layers' full names."""
+    inner = {id(module): name for name, module in context.block.named_modules()}
+    for layer in context.layers:
+        if id(layer.module) in inner:
+            return layer.name[: -(len(inner[id(layer.module)]) + 1)]
+    raise ValueError(f"block {context.index}: none of its target layers lies inside it")
+
+
+def _channel_space(context: BlockContext, config: SparsityConfig) -> ChannelSpace:
+    """The block's MLP channels and KV groups, at the requested sparsity of the block's own parameters."""
+    groups = block_channel_groups(context.block, _block_prefix(context), context.model_config)
+    targets = {layer.name for layer in context.layers}
+    missing = sorted(f"{g.name}.{s.attr}" for g in groups for s in g.slices if f"{g.name}.{s.attr}" not in targets)
+    if missing:
+        raise ValueError(
+            f"pattern 'channels' prunes whole units across their projections, but {missing[:3]} are not targets; "
+            "leave `targets` / `ignore` at their defaults"
+        )
+    capacity = config.samples_per_step + 1
+    return ChannelSpace(None, config.sparsity, "global", config.pg_submodels, capacity, groups=groups)
+
+
 def _space(context: BlockContext, config: SparsityConfig) -> MaskSpace:
+    if config.pattern == "channels":
+        return _channel_space(context, config)
     if config.nm is not None:
         return NMSpace(context.block, config, layers=context.layers)
     # hardened per output row, like Wanda: the initial hard mask is then exactly Wanda's mask
@@ -67,12 +95,15 @@ def learn_block_masks(context: BlockContext, config: SparsityConfig, solver: Sol
     with torch.no_grad():
         targets = inputs.run_windows(block)  # the dense block's outputs
     space = _space(context, config)
-    metric = torch.cat(
-        [
-            wanda_scores(get_weight(module).detach().float(), stats[name]).reshape(-1)
-            for name, module in space.layout.modules.items()
-        ]
-    )
+    if isinstance(space, ChannelSpace):
+        metric = wanda_metric(space, {name: stats[name].norms for name in layers_of(space)})
+    else:
+        metric = torch.cat(
+            [
+                wanda_scores(get_weight(module).detach().float(), stats[name]).reshape(-1)
+                for name, module in space.layout.modules.items()
+            ]
+        )
     estimator = ScoreFunctionEstimator.from_config(config)
     learner = StaleSubModelLearner(
         space, estimator, config.refresh_every, config.samples_per_step, context.device, config.seed + context.index
@@ -118,6 +149,8 @@ def learn_block_masks(context: BlockContext, config: SparsityConfig, solver: Sol
         prune_and_write(
             layer, stats.get(layer.name), solver, context.refit, masks[layer.name], context.device, context.result
         )
+    if isinstance(space, ChannelSpace):
+        space.zero_removed_biases(masks)  # a removed unit computes nothing, as in the sliced model
     report = BlockLearningReport(initial, learned, config.pg_block_steps, learner.refreshes, use_learned)
     logger.info(
         "block %d: relative output error %.4g (Wanda init) -> %.4g (learned, %d steps, %d samplings)",

@@ -27,18 +27,19 @@ from optimum_sparse.pg.projection import (
 )
 from optimum_sparse.pg.slicing import slice_channels
 from optimum_sparse.pg.space import MaskSpace
-from optimum_sparse.pg.units import find_channel_groups, unit_costs
+from optimum_sparse.pg.units import ChannelGroup, find_channel_groups, unit_costs
 
 
 class ChannelSpace(MaskSpace):
     """Bernoulli masks over channel units.
 
     Args:
-        model: the dense model (its channel groups are found once, here).
+        model: the dense model (its channel groups are found once, here); None when `groups` is given.
         sparsity: fraction of the groups' parameters to remove.
         harden_scope: "global" or "layer" (each group at the same sparsity).
         submodels: "sliced" (smaller layers swapped in, `capacity` of them cached) or "masked" (hooks).
         capacity: how many sliced sub-models stay cached (samples per step plus one for the hard mask).
+        groups: the channel groups to cover instead of the whole model's (e.g. one block's, offsets from 0).
     """
 
     family = BernoulliMasks
@@ -51,10 +52,11 @@ class ChannelSpace(MaskSpace):
         harden_scope: str = "global",
         submodels: str = "sliced",
         capacity: int = 2,
+        groups: list[ChannelGroup] | None = None,
     ):
         if submodels not in ("sliced", "masked"):
             raise ValueError(f"submodels must be 'sliced' or 'masked', got {submodels!r}")
-        self.groups = find_channel_groups(model)
+        self.groups = groups if groups is not None else find_channel_groups(model)
         self.costs = unit_costs(self.groups)
         self.sparsity = sparsity
         self.budget = budget_of(self.costs, sparsity)
@@ -135,14 +137,20 @@ class ChannelSpace(MaskSpace):
         masks = self.weight_masks(hard)
         for group in self.groups:
             for unit_slice in group.slices:
-                layer = unit_slice.layer
-                mask = masks[f"{group.name}.{unit_slice.attr}"]
-                weight = get_weight(layer)
-                weight.mul_(mask.to(weight.device, weight.dtype))
-                bias = getattr(layer, "bias", None)
-                if unit_slice.side == "out" and bias is not None:
-                    bias.mul_(mask[:, 0].to(bias.device, bias.dtype))
+                weight = get_weight(unit_slice.layer)
+                weight.mul_(masks[f"{group.name}.{unit_slice.attr}"].to(weight.device, weight.dtype))
+        self.zero_removed_biases(masks)
         return masks
+
+    @torch.no_grad()
+    def zero_removed_biases(self, masks: dict[str, torch.Tensor]) -> None:
+        """Zero the output-bias entries of removed rows (`masks` from `weight_masks`), as slicing would drop them."""
+        for group in self.groups:
+            for unit_slice in group.slices:
+                bias = getattr(unit_slice.layer, "bias", None)
+                if unit_slice.side == "out" and bias is not None:
+                    rows = masks[f"{group.name}.{unit_slice.attr}"][:, 0]
+                    bias.mul_(rows.to(bias.device, bias.dtype))
 
     def slice_model(self, hard: torch.Tensor) -> dict[str, int]:
         """Physically remove the pruned units (after `finalize`, or instead of it)."""

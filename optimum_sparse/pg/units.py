@@ -160,40 +160,59 @@ def _mlp_group(name: str, module: nn.Module) -> ChannelGroup | None:
     return None
 
 
-def find_channel_groups(model: nn.Module) -> list[ChannelGroup]:
-    """The attention and MLP unit groups of every block, in block order, with flat offsets set."""
-    blocks_name, blocks = find_blocks(model)
-    config = getattr(model, "config", None)
+def block_channel_groups(block: nn.Module, prefix: str, config) -> list[ChannelGroup]:
+    """[attention group, MLP group] of one block (`prefix`: the block's full name; offsets from 0).
+
+    `config` is the model's config (its text config gives the head counts).
+    """
+    config = text_config(config)
+    found: dict[str, ChannelGroup] = {}
+    for sub_name, module in block.named_modules():
+        full = prefix + (f".{sub_name}" if sub_name else "")
+        if "attention" not in found:
+            group = _attention_group(full, module, config)
+            if group is not None:
+                found["attention"] = group
+                continue
+        if "mlp" not in found:
+            group = _mlp_group(full, module)
+            if group is not None:
+                found["mlp"] = group
+    if len(found) < 2:
+        missing = {"attention", "mlp"} - set(found)
+        raise ValueError(
+            f"block {prefix} ({type(block).__name__}): no {' / '.join(sorted(missing))} layout "
+            f"recognised; channel pruning knows {[list(layout.values()) for layout in ATTENTION_LAYOUTS]} "
+            f"and {[[*i, o] for i, o in MLP_LAYOUTS]}"
+        )
+    return set_offsets([found["attention"], found["mlp"]])
+
+
+def text_config(config):
+    """The part of a model's config holding the head counts (multimodal: the text config), or a ValueError."""
     config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
     if config is None or not hasattr(config, "num_attention_heads"):
         raise ValueError("channel units need model.config.num_attention_heads (a transformers model)")
-    groups: list[ChannelGroup] = []
-    for index, block in enumerate(blocks):
-        found: dict[str, ChannelGroup] = {}
-        for sub_name, module in block.named_modules():
-            full = f"{blocks_name}.{index}" + (f".{sub_name}" if sub_name else "")
-            if "attention" not in found:
-                group = _attention_group(full, module, config)
-                if group is not None:
-                    found["attention"] = group
-                    continue
-            if "mlp" not in found:
-                group = _mlp_group(full, module)
-                if group is not None:
-                    found["mlp"] = group
-        if len(found) < 2:
-            missing = {"attention", "mlp"} - set(found)
-            raise ValueError(
-                f"block {blocks_name}.{index} ({type(block).__name__}): no {' / '.join(sorted(missing))} layout "
-                f"recognised; channel pruning knows {[list(layout.values()) for layout in ATTENTION_LAYOUTS]} "
-                f"and {[[*i, o] for i, o in MLP_LAYOUTS]}"
-            )
-        groups.extend([found["attention"], found["mlp"]])
+    return config
+
+
+def set_offsets(groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """Give the groups consecutive flat offsets (in list order); returns them."""
     offset = 0
     for group in groups:
         group.offset = offset
         offset += group.num_units
     return groups
+
+
+def find_channel_groups(model: nn.Module) -> list[ChannelGroup]:
+    """The attention and MLP unit groups of every block, in block order, with flat offsets set."""
+    blocks_name, blocks = find_blocks(model)
+    config = text_config(getattr(model, "config", None))  # checked once, before any block
+    groups: list[ChannelGroup] = []
+    for index, block in enumerate(blocks):
+        groups.extend(block_channel_groups(block, f"{blocks_name}.{index}", config))
+    return set_offsets(groups)
 
 
 def unit_costs(groups: list[ChannelGroup], device: torch.device | str = "cpu") -> torch.Tensor:
