@@ -10,8 +10,8 @@ from optimum_sparse import SparsityCallback, SparsityConfig, prune
 from optimum_sparse.architecture import get_weight
 from optimum_sparse.calibration import sample_windows, tokenize
 from optimum_sparse.masks import is_valid_nm
-from optimum_sparse.pg.channel_space import ChannelSpace
-from optimum_sparse.pg.slicing import slice_channels
+from optimum_sparse.pg.channel_space import unit_weight_masks
+from optimum_sparse.pg.sliced_checkpoint import kept_units_from_masks, slice_pruned_channels
 from optimum_sparse.pg.units import find_channel_groups, unit_costs
 from optimum_sparse.solvers import get_solver_class
 
@@ -90,14 +90,8 @@ def test_block_objective_channels_remove_whole_units_at_each_blocks_budget(arch,
     result, solver = _solver_of(model, config, windows)
     groups = find_channel_groups(model)
     assert len(result.masks) == sum(len(g.slices) for g in groups)
-    keep = torch.zeros(sum(g.num_units for g in groups), dtype=torch.bool)
-    for group in groups:  # recover the unit mask from the written layers; it must explain every mask
-        consumer = group.consumer
-        columns = result.masks[f"{group.name}.{consumer.attr}"].any(0)
-        for unit in range(group.num_units):
-            keep[group.offset + unit] = bool(columns[consumer.indices(torch.tensor([unit]))].all())
-    space = ChannelSpace(model, 0.4)
-    expected = space.weight_masks(keep)
+    keep = kept_units_from_masks(groups, result.masks)  # the unit mask must explain every layer's mask
+    expected = unit_weight_masks(groups, keep)
     assert all(torch.equal(result.masks[name], expected[name]) for name in result.masks)
     costs = unit_costs(groups)
     for block in range(2):  # each block removes >= 40% of its parameters, less than one more unit beyond
@@ -110,8 +104,10 @@ def test_block_objective_channels_remove_whole_units_at_each_blocks_budget(arch,
     ids = windows[:2, :12]
     with torch.no_grad():
         masked = model(input_ids=ids).logits
-        slice_channels(groups, keep)
+        kept = slice_pruned_channels(model, result.masks)
         assert torch.allclose(model(input_ids=ids).logits, masked, atol=1e-5)
+    assert model.config.sliced_units == kept
+    assert sum(kept.values()) == int(keep.sum())
 
 
 def test_block_objective_channels_need_every_projection_as_a_target(windows):

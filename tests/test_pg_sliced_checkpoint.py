@@ -11,7 +11,12 @@ from conftest import ARCHITECTURES, VOCAB_SIZE, build_model, build_tokenizer
 
 from optimum_sparse import load_sliced_model, save_sliced_model
 from optimum_sparse.loading import load_model_and_tokenizer
-from optimum_sparse.pg.sliced_checkpoint import SLICED_UNITS_KEY, is_sliced_checkpoint, record_sliced_units
+from optimum_sparse.pg.sliced_checkpoint import (
+    SLICED_UNITS_KEY,
+    is_sliced_checkpoint,
+    record_sliced_units,
+    slice_pruned_channels,
+)
 from optimum_sparse.pg.slicing import slice_channels
 from optimum_sparse.pg.units import find_channel_groups
 
@@ -95,3 +100,18 @@ def test_loading_errors_name_the_problem(tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not have"):
         load_sliced_model(tmp_path / "sliced")
+
+
+def test_slicing_refuses_masks_that_do_not_remove_whole_units():
+    model = build_model("llama")
+    masks = {
+        name: torch.ones_like(module.weight, dtype=torch.bool)
+        for name, module in model.named_modules()
+        if name.endswith(("proj",))
+    }
+    masks["model.layers.0.mlp.gate_proj"][0, 0] = False  # one weight, not a channel
+    with pytest.raises(ValueError, match="whole channels"):
+        slice_pruned_channels(model, masks)
+    del masks["model.layers.1.mlp.down_proj"]
+    with pytest.raises(ValueError, match="no mask for model.layers.1.mlp.down_proj"):
+        slice_pruned_channels(model, masks)

@@ -11,7 +11,7 @@ from optimum_sparse.pg.callback import SparsityCallback, build_space
 from optimum_sparse.pg.distributions import BernoulliMasks, NMCategorical
 from optimum_sparse.pg.estimator import ScoreFunctionEstimator, importance_weights, surrogate_loss
 from optimum_sparse.pg.projection import harden_to_budget, project_to_budget, sigmoid_to_budget
-from optimum_sparse.pg.sliced_checkpoint import load_sliced_model, save_sliced_model
+from optimum_sparse.pg.sliced_checkpoint import load_sliced_model, save_sliced_model, slice_pruned_channels
 from optimum_sparse.pg.slicing import slice_channels
 from optimum_sparse.pg.units import find_channel_groups
 
@@ -29,5 +29,6 @@ __all__ = [
     "save_sliced_model",
     "sigmoid_to_budget",
     "slice_channels",
+    "slice_pruned_channels",
     "surrogate_loss",
 ]

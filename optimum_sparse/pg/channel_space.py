@@ -118,17 +118,7 @@ class ChannelSpace(MaskSpace):
         return 1.0 - kept / float(self.costs.sum())
 
     def weight_masks(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:
-        keep = sample.reshape(-1).cpu().bool()
-        masks = {}
-        for group in self.groups:
-            kept_units = torch.nonzero(keep[group.units]).reshape(-1)
-            for unit_slice in group.slices:
-                weight = get_weight(unit_slice.layer)
-                features = torch.zeros(weight.shape[0 if unit_slice.side == "out" else 1], dtype=torch.bool)
-                features[unit_slice.indices(kept_units)] = True
-                mask = features.unsqueeze(1) if unit_slice.side == "out" else features.unsqueeze(0)
-                masks[f"{group.name}.{unit_slice.attr}"] = mask.expand(tuple(weight.shape)).clone()
-        return masks
+        return unit_weight_masks(self.groups, sample)
 
     @torch.no_grad()
     def finalize(self, hard: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -173,3 +163,18 @@ class ChannelSpace(MaskSpace):
             units = slice(group.offset, group.offset + group.num_units)
             z[units] = zscore(metric[units])
         return sigmoid_to_budget(z / temperature, self.costs, self.budget).float()
+
+
+def unit_weight_masks(groups: list[ChannelGroup], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{full layer name: (out, in) bool mask} removing the rows / columns of the units not in `keep`."""
+    keep = keep.reshape(-1).cpu().bool()
+    masks = {}
+    for group in groups:
+        kept_units = torch.nonzero(keep[group.units]).reshape(-1)
+        for unit_slice in group.slices:
+            weight = get_weight(unit_slice.layer)
+            features = torch.zeros(weight.shape[0 if unit_slice.side == "out" else 1], dtype=torch.bool)
+            features[unit_slice.indices(kept_units)] = True
+            mask = features.unsqueeze(1) if unit_slice.side == "out" else features.unsqueeze(0)
+            masks[f"{group.name}.{unit_slice.attr}"] = mask.expand(tuple(weight.shape)).clone()
+    return masks
