@@ -1,18 +1,21 @@
-"""Per-weight masks learned block by block against the dense block's output (pg_objective="block").
+"""Masks learned block by block against the dense block's output (pg_objective="block").
 
 For unstructured and N:M masks the language-modelling loss of the whole model is one number for
-millions of Bernoulli units, so its score-function gradient is mostly noise. The block-local
-objective of ../shared/DESIGN.md ("Mask learning") narrows the problem: inside the one-shot engine
-(`optimum_sparse.prune`), for each decoder block in turn, the keep-probabilities of that block's
-weights are learned with the same machinery as `SparsityCallback` (stale sub-models reused for
-`refresh_every` steps, clipped importance weights, Fisher preconditioning, budget projection), with
+millions of Bernoulli units, so its score-function gradient is mostly noise; for channel masks it is
+one number for tens of thousands of units. The block-local objective of ../shared/DESIGN.md ("Mask
+learning") narrows the problem: inside the one-shot engine (`optimum_sparse.prune`), for each decoder
+block in turn, the keep-probabilities of that block's units are learned with the same machinery as
+`SparsityCallback` (stale sub-models reused for `refresh_every` steps, clipped importance weights,
+Fisher preconditioning, budget projection), with
 
     L(m) = sum ||block_m(X) - block_dense(X)||^2 / sum ||block_dense(X)||^2
 
 on `pg_block_windows` calibration windows per step, X being the (already pruned) previous blocks'
-outputs. The scores start from the Wanda metric, so the learned mask starts as a Wanda mask, and
-at the end the top of each layer's scores (or the most likely N:M pattern of each group) becomes the
-hard mask; `weight_update="admm"` then refits the kept weights (Boza 2024).
+outputs. The scores start from the Wanda metric, so the learned mask starts as a Wanda mask (per-weight:
+Wanda's per-row mask; channels: the block's units ranked by sum |W| ||X|| over their weights, at the
+sparsity of the block's own MLP + attention parameters). At the end the top of the scores (or the most
+likely N:M pattern of each group) becomes the hard mask, kept only if it reconstructs the block at
+least as well as the initial one; `weight_update="admm"` then refits the kept weights (Boza 2024).
 """
 
 from __future__ import annotations
