@@ -151,6 +151,10 @@ class SparsityConfig:
         pg_block_steps, pg_block_lr, pg_block_windows: (pg, objective "block") score updates per
             block, their SGD step size, and calibration windows evaluated per update.
         baseline_decay: (pg) decay of the loss baseline's exponential moving average.
+        normalize_advantage: (pg) divide the gradient estimate by the running RMS of the advantages
+            (loss minus baseline), so that the learning rate, not the loss scale, sets the step size.
+            None (default): on for channel masks with pg_objective "block" (each block's error has its
+            own scale), off otherwise (what the other settings were measured with).
         harden_scope: (pg) final masks keep the top keep-probabilities "global"ly under the budget
             or within each "layer" (each MLP / attention module, or linear) at the same sparsity, or
             (per-weight masks) within each output "row", Wanda's rule: the initial mask is then Wanda's.
@@ -204,6 +208,7 @@ class SparsityConfig:
     pg_block_lr: float = 0.05
     pg_block_windows: int = 4
     baseline_decay: float = 0.9
+    normalize_advantage: bool | None = None
     harden_scope: str = "global"
     pg_submodels: str = "sliced"
 
@@ -331,6 +336,8 @@ class SparsityConfig:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"baseline_decay must be in [0, 1), got {decay!r}")
         self.baseline_decay = float(decay)
+        if self.normalize_advantage not in (None, True, False):
+            raise ValueError(f"normalize_advantage must be true, false or null, got {self.normalize_advantage!r}")
 
     # ------------------------------------------------------------------ helpers
     @property

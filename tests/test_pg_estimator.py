@@ -167,6 +167,45 @@ def test_baseline_is_an_ema():
         ScoreFunctionEstimator(preconditioner="newton")
 
 
+def test_normalized_estimate_is_the_raw_one_divided_by_the_running_advantage_rms(problem):
+    """The scale comes from earlier steps only; a loss scaled by 1000 gives the same normalized steps."""
+    probs, table, generator = problem
+    batches = [BernoulliMasks.sample(probs, 2, generator=generator) for _ in range(4)]
+    log_ps = [BernoulliMasks.log_prob(probs, batch) for batch in batches]
+
+    def run(normalize: bool, scale: float) -> list[torch.Tensor]:
+        estimator = ScoreFunctionEstimator(preconditioner="adam", baseline_decay=0.5, normalize=normalize)
+        gradients = []
+        for batch, log_p in zip(batches, log_ps):
+            estimate = estimator.estimate(BernoulliMasks, probs, batch, scale * table[_index(batch)], log_p)
+            estimator.update_baseline(scale * table[_index(batch)], estimate.advantages)
+            gradients.append(estimate.gradient)
+        return gradients
+
+    raw, normalized, scaled = run(False, 1.0), run(True, 1.0), run(True, 1000.0)
+    mean_square = None  # what the estimator should track: an EMA of (L1 - L2)^2 over the steps so far
+    for step, batch in enumerate(batches):
+        losses = table[_index(batch)]
+        square = float((losses[0] - losses[1]) ** 2)  # leave-one-out advantages of a pair: +-(L1 - L2)
+        scale = math.sqrt(mean_square if mean_square is not None else square)
+        torch.testing.assert_close(normalized[step], raw[step] / scale if scale > 0 else raw[step])
+        if square > 0:
+            mean_square = square if mean_square is None else 0.5 * mean_square + 0.5 * square
+        torch.testing.assert_close(scaled[step], normalized[step])
+
+
+def test_advantage_scale_survives_a_checkpoint_and_ignores_steps_without_spread():
+    estimator = ScoreFunctionEstimator(normalize=True, baseline_decay=0.5)
+    estimator.update_baseline(torch.tensor([3.0]), torch.tensor([0.0]))  # one sample, first step
+    assert estimator.advantage_rms is None
+    estimator.update_baseline(torch.tensor([3.0, 5.0]), torch.tensor([-2.0, 2.0]))
+    estimator.update_baseline(torch.tensor([3.0, 3.0]), torch.tensor([1.0, -1.0]))
+    assert estimator.advantage_rms == pytest.approx(math.sqrt(0.5 * 4.0 + 0.5 * 1.0))
+    restored = ScoreFunctionEstimator(normalize=True)
+    restored.load_state_dict(estimator.state_dict())
+    assert restored.advantage_rms == estimator.advantage_rms and restored.baseline == estimator.baseline
+
+
 def test_leave_one_out_baseline_ignores_the_batch_difficulty_and_stays_unbiased(problem):
     """With several samples per batch, a loss offset shared by the batch cancels exactly; the mean of
     many two-sample estimates still matches the enumerated gradient."""
@@ -270,3 +309,17 @@ def test_nm_unit_log_probs_sum_to_the_joint_and_weight_every_pattern_logit():
     torch.testing.assert_close(estimate.gradient, manual)
     with pytest.raises(ValueError, match="ratio must be one of"):
         ScoreFunctionEstimator(ratio="per-sample")
+
+
+def test_advantage_normalization_defaults_to_block_channels_only():
+    from optimum_sparse import SparsityConfig
+
+    def normalize(**kwargs) -> bool:
+        return ScoreFunctionEstimator.from_config(SparsityConfig(method="pg", sparsity=0.3, **kwargs)).normalize
+
+    assert normalize(pattern="channels", pg_objective="block")
+    assert not normalize(pattern="channels") and not normalize(pg_objective="block")
+    assert normalize(pg_objective="block", normalize_advantage=True)
+    assert not normalize(pattern="channels", pg_objective="block", normalize_advantage=False)
+    with pytest.raises(ValueError, match="normalize_advantage"):
+        SparsityConfig(method="pg", sparsity=0.3, normalize_advantage="yes")

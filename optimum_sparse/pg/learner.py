@@ -100,7 +100,7 @@ class StaleSubModelLearner:
         estimate = self.estimator.estimate(
             self.space.family, self.scores.detach(), self.samples, losses_tensor, self.log_prob_then
         )
-        self.estimator.update_baseline(losses_tensor)
+        self.estimator.update_baseline(losses_tensor, estimate.advantages)
         self._pending.append(
             {
                 "loss": estimate.loss,
