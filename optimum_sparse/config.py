@@ -149,7 +149,8 @@ class SparsityConfig:
             calibration windows (per-weight masks, or channels at the sparsity of each block's own
             parameters; see docs/mask_learning.md).
         pg_block_steps, pg_block_lr, pg_block_windows: (pg, objective "block") score updates per
-            block, their SGD step size, and calibration windows evaluated per update.
+            block (0: no learning, the Wanda-initialised mask itself), their SGD step size, and
+            calibration windows evaluated per update.
         baseline_decay: (pg) decay of the loss baseline's exponential moving average.
         normalize_advantage: (pg) divide the gradient estimate by the running RMS of the advantages
             (loss minus baseline), so that the learning rate, not the loss scale, sets the step size.
@@ -301,7 +302,10 @@ class SparsityConfig:
                     raise ValueError(f"{name}: {regex!r} is not a valid regular expression ({err})") from err
 
     def _validate_pg(self) -> None:
-        _check_positive_ints(self, ("refresh_every", "samples_per_step", "pg_block_steps", "pg_block_windows"))
+        _check_positive_ints(self, ("refresh_every", "samples_per_step", "pg_block_windows"))
+        steps = self.pg_block_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"pg_block_steps must be a non-negative integer (0: the Wanda start), got {steps!r}")
         if not _finite_positive(self.init_temperature):
             raise ValueError(f"init_temperature must be a finite number > 0, got {self.init_temperature!r}")
         self.init_temperature = float(self.init_temperature)
