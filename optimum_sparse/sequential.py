@@ -41,6 +41,8 @@ class PruningResult:
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     #: relative reconstruction error ||X(W - W')^T||^2 / ||X W^T||^2 per layer (Hessian methods)
     layer_errors: dict[str, float] = field(default_factory=dict)
+    #: per-block reports of block-level solvers (pg's block objective, SparseLLM), by block index
+    block_reports: dict[int, object] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property

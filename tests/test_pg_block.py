@@ -55,7 +55,7 @@ def test_block_objective_gives_exact_sparsity_and_lowers_the_block_error_of_its_
         weight = get_weight(model.get_submodule(name))
         assert torch.isfinite(weight).all()
         assert bool((weight[~mask] == 0).all())
-    assert set(solver.reports) == {0, 1}
+    assert set(solver.reports) == {0, 1} and result.block_reports == solver.reports
     for report in solver.reports.values():
         assert report.steps == 100 and report.refreshes == 50  # each sample reused for 2 steps
         assert report.used_learned == (report.learned_error <= report.initial_error)

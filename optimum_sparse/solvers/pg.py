@@ -34,7 +34,8 @@ class PolicyGradientSolver(Solver):
     def prune_block(self, context) -> None:
         from optimum_sparse.pg.block_objective import learn_block_masks
 
-        self.reports[context.index] = learn_block_masks(context, self.config, self)
+        report = learn_block_masks(context, self.config, self)
+        self.reports[context.index] = context.result.block_reports[context.index] = report
 
     def prune_layer(self, weight: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
         raise ValueError("pg_objective='block' learns the masks of a whole block at once (prune_block)")

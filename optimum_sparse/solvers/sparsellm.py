@@ -787,7 +787,7 @@ class SparseLLMSolver(Solver):
         if mlp.gate is not None:
             context.write(mlp.gate, solution.gate, solution.first_statistics)
         context.write(mlp.second, solution.down, solution.second_statistics)
-        self.reports[context.index] = MlpReport(
+        self.reports[context.index] = context.result.block_reports[context.index] = MlpReport(
             [layer.name for layer in mlp.layers],
             problem.kind,
             solution.layerwise_error,
