@@ -123,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5])
     parser.add_argument("--steps", type=int, default=100, help="score updates per block")
-    parser.add_argument("--learning-rate", type=float, default=0.05, help="pg_block_lr")
+    parser.add_argument("--learning-rate", type=float, default=0.01, help="pg_block_lr")
     parser.add_argument("--block-windows", type=int, default=4, help="calibration windows per update")
     parser.add_argument("--samples-per-step", type=int, default=2, help="2+: leave-one-out on shared windows")
     parser.add_argument("--refresh-every", type=int, default=1)
