@@ -25,6 +25,7 @@ import os
 import time
 
 import torch
+from mask_learning import tokens_per_second  # the sibling benchmark's throughput probe (same measurement)
 
 from optimum_sparse import SparsityConfig, perplexity, prune
 from optimum_sparse.calibration import load_text, tokenize
@@ -34,19 +35,6 @@ from optimum_sparse.pg.sliced_checkpoint import slice_pruned_channels
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2")
 logger = logging.getLogger("channel_block")
-
-
-@torch.inference_mode()
-def tokens_per_second(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
-    """Forward throughput on one window (after a warm-up call), best of `repeats`."""
-    window = ids.reshape(1, -1)
-    model(input_ids=window, use_cache=False)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=window, use_cache=False)
-        best = min(best, time.perf_counter() - start)
-    return window.numel() / best
 
 
 def prune_channels(
