@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="save pruned weights as kept values + bitmasks (smaller; only SparseModel.from_pretrained reads it)",
     )
     prune.add_argument(
+        "--slice",
+        action="store_true",
+        help="pattern channels: remove the pruned channels / KV groups physically (a smaller, faster dense model; "
+        "--output then saves it for load_sliced_model)",
+    )
+    prune.add_argument(
         "--skip-dense-eval", action="store_true", help="with --eval-data, evaluate only the pruned model"
     )
     _add_eval_args(prune)
@@ -148,11 +154,11 @@ def config_from_args(args: argparse.Namespace) -> SparsityConfig:
     }
     if args.sequential_update:
         overrides["sequential_update"] = True
-    overrides.update(_field_settings(args.set))
     base.update({k: v for k, v in overrides.items() if v is not None})
     base.pop("sparsity", None)
     base.pop("pattern", None)
     base.update(args.sparsity)
+    base.update(_field_settings(args.set))  # last: `--set pattern=channels` keeps --sparsity's fraction
     return SparsityConfig.from_dict(base)
 
 
@@ -184,6 +190,12 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
 
     config = config_from_args(args)
     _check_inputs(args)
+    if args.slice and config.pattern != "channels":
+        raise ValueError(
+            "--slice removes whole channels: prune with --set pattern=channels (method pg, pg_objective=block)"
+        )
+    if args.slice and args.compact:
+        raise ValueError("--slice saves a smaller dense model; --compact does not apply to it")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     progress = not args.no_progress
     record: dict[str, Any] = {
@@ -210,7 +222,17 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     if evaluate is not None:
         record["ppl"] = evaluate()
         logger.info("pruned perplexity: %.3f", record["ppl"])
-    if args.output:
+    if args.slice:
+        from optimum_sparse.pg.sliced_checkpoint import save_sliced_model, slice_pruned_channels
+
+        record["parameters_dense"] = sum(p.numel() for p in model.parameters())
+        slice_pruned_channels(model, result.masks)
+        record["parameters_sliced"] = sum(p.numel() for p in model.parameters())
+        logger.info("sliced: %d -> %d parameters", record["parameters_dense"], record["parameters_sliced"])
+        if args.output:
+            save_sliced_model(model, args.output, tokenizer=tokenizer)
+            record["output"] = args.output
+    elif args.output:
         from optimum_sparse.modeling import SparseModel, _describe_calibration
 
         sparse = SparseModel(model, masks=result.masks, config=config)

@@ -99,6 +99,24 @@ def test_prune_then_eval_end_to_end(saved_llama, text_file, tmp_path, capsys):
     assert evaluated["measured_sparsity"] == pytest.approx(0.5)
 
 
+def test_prune_learned_channels_then_slice_save_and_eval_the_smaller_model(saved_llama, text_file, tmp_path, capsys):
+    output = tmp_path / "sliced"
+    extra = ["--method", "pg", "--sparsity", "0.4", "--set", "pattern=channels", "pg_objective=block"]
+    extra += ["pg_block_steps=5", "--slice", "--output", os.fspath(output), "--json", "--skip-dense-eval"]
+    extra += ["--eval-data", text_file, "--eval-seq-len", "64", "--eval-max-windows", "2"]
+    assert cli.main(_prune_args(saved_llama, text_file, *extra)) == 0
+    record = _last_json(capsys.readouterr().out)
+    assert record["parameters_sliced"] < 0.8 * record["parameters_dense"]
+    assert record["output"] == os.fspath(output) and _leftovers(tmp_path) == []
+    assert cli.main(_eval_args(os.fspath(output), text_file)) == 0  # the CLI reads the sliced checkpoint
+    assert _last_json(capsys.readouterr().out)["ppl"] == pytest.approx(record["ppl"], rel=1e-5)
+
+
+def test_slice_needs_channel_masks(saved_llama, text_file, capsys):
+    assert cli.main(_prune_args(saved_llama, text_file, "--method", "wanda", "--slice")) == 2
+    assert "--set pattern=channels" in capsys.readouterr().err
+
+
 def test_prune_nm_from_a_config_file(saved_llama, text_file, tmp_path, capsys):
     SparsityConfig(method="sparsegpt", ignore=[r"down_proj"], seed=7).save_pretrained(tmp_path / "cfg")
     output = tmp_path / "out"
