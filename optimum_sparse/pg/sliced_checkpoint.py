@@ -47,8 +47,8 @@ def record_sliced_units(model: nn.Module, kept_counts: dict[str, int]) -> None:
 
 
 def kept_units_from_masks(groups: list[ChannelGroup], masks: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The flat unit keep-mask behind per-layer channel masks (a unit is kept if its output-projection
-    columns are); a ValueError when some layer's mask is not the one these units imply."""
+    """The flat unit keep-mask behind per-layer channel masks: a unit is kept if its columns of the
+    output projection are (a ValueError when that projection has no mask)."""
     keep = torch.zeros(sum(group.num_units for group in groups), dtype=torch.bool)
     for group in groups:
         consumer = group.consumer
