@@ -1,7 +1,7 @@
 """Channel masks learned block by block (method "pg", pg_objective="block") on SmolLM2-135M.
 
 For each sparsity, two `prune()` runs under the foundation protocol (32 x 512 calibration windows of
-WikiText-2 valid, seed 0; perplexity on the first 40 x 1024-token windows of test.txt):
+WikiText-2 valid, seed 0 unless `--seed`; perplexity on the first 40 x 1024-token windows of test.txt):
 
 - *start*: `pg_block_steps=0`, the Wanda-initialised channel mask of every block (units ranked by
   sum |W| ||X|| over their weights, each block at the requested sparsity of its own parameters);
@@ -55,7 +55,7 @@ def prune_channels(
         init_temperature=args.init_temperature,
         num_samples=32,
         seq_len=512,
-        seed=0,
+        seed=args.seed,
         device="cpu",
     )
     start = time.perf_counter()
@@ -77,7 +77,7 @@ def prune_channels(
 def run(args: argparse.Namespace, sparsity: float, eval_ids: torch.Tensor) -> dict:
     _, _, start = prune_channels(args, sparsity, 0, eval_ids)
     model, masks, learned = prune_channels(args, sparsity, args.steps, eval_ids)
-    record = {"sparsity": sparsity, "ppl_start": start["ppl"], "seconds_start": start["seconds"]}
+    record = {"sparsity": sparsity, "seed": args.seed, "ppl_start": start["ppl"], "seconds_start": start["seconds"]}
     record.update({f"{key}_learned" if key in ("ppl", "seconds") else key: v for key, v in learned.items()})
     speed_ids = eval_ids[: args.speed_tokens]
     dense, _ = load_model_and_tokenizer(None)
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--samples-per-step", type=int, default=2, help="2+: leave-one-out on shared windows")
     parser.add_argument("--refresh-every", type=int, default=1)
     parser.add_argument("--init-temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="calibration windows and mask sampler")
     parser.add_argument("--eval-max-windows", type=int, default=40)
     parser.add_argument("--speed-tokens", type=int, default=1024)
     parser.add_argument("--speed-repeats", type=int, default=5)
