@@ -30,7 +30,8 @@ from mask_learning import tokens_per_second  # the sibling benchmark's throughpu
 from optimum_sparse import SparsityConfig, perplexity, prune
 from optimum_sparse.calibration import load_text, tokenize
 from optimum_sparse.loading import load_model_and_tokenizer
-from optimum_sparse.pg.sliced_checkpoint import slice_pruned_channels
+from optimum_sparse.pg.sliced_checkpoint import kept_units_from_masks, slice_pruned_channels
+from optimum_sparse.pg.units import find_channel_groups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2")
@@ -62,7 +63,10 @@ def prune_channels(
     result = prune(model, config, os.path.join(DATA, "valid.txt"), tokenizer, show_progress=args.progress)
     seconds = time.perf_counter() - start
     reports = list(result.block_reports.values())
+    groups = find_channel_groups(model)
+    keep = kept_units_from_masks(groups, result.masks)
     record = {
+        "kv_groups_kept": sum(int(keep[g.units].sum()) for g in groups if g.kind == "attention"),
         "sparsity": sparsity,
         "steps": steps,
         "seconds": seconds,
@@ -78,14 +82,14 @@ def run(args: argparse.Namespace, sparsity: float, eval_ids: torch.Tensor) -> di
     _, _, start = prune_channels(args, sparsity, 0, eval_ids)
     model, masks, learned = prune_channels(args, sparsity, args.steps, eval_ids)
     record = {"sparsity": sparsity, "seed": args.seed, "ppl_start": start["ppl"], "seconds_start": start["seconds"]}
+    record["kv_groups_kept_start"] = start["kv_groups_kept"]
     record.update({f"{key}_learned" if key in ("ppl", "seconds") else key: v for key, v in learned.items()})
     speed_ids = eval_ids[: args.speed_tokens]
     dense, _ = load_model_and_tokenizer(None)
     record["params_dense"] = sum(p.numel() for p in dense.parameters())
     record["tokens_per_s_dense"] = tokens_per_second(dense, speed_ids, args.speed_repeats)
     del dense
-    kept = slice_pruned_channels(model, masks)
-    record["kv_groups_kept"] = sum(count for name, count in kept.items() if not name.endswith("mlp"))
+    slice_pruned_channels(model, masks)
     record["params_sliced"] = sum(p.numel() for p in model.parameters())
     record["tokens_per_s_sliced"] = tokens_per_second(model, speed_ids, args.speed_repeats)
     record["speedup"] = record["tokens_per_s_sliced"] / record["tokens_per_s_dense"]
@@ -94,14 +98,14 @@ def run(args: argparse.Namespace, sparsity: float, eval_ids: torch.Tensor) -> di
 
 def table(records: list[dict]) -> str:
     lines = [
-        "| channels removed | start (Wanda, per block) | learned | blocks improved | KV groups kept | "
+        "| channels removed | start (Wanda, per block) | learned | blocks improved | KV groups kept (start / learned) | "
         "prune seconds (start / learned) | parameters | speed-up |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(
             f"| {r['sparsity']:.0%} | {r['ppl_start']:.2f} | {r['ppl_learned']:.2f} | {r['blocks_learned']} | "
-            f"{r['kv_groups_kept']} | {r['seconds_start']:.0f} / {r['seconds_learned']:.0f} | "
+            f"{r['kv_groups_kept_start']} / {r['kv_groups_kept']} | {r['seconds_start']:.0f} / {r['seconds_learned']:.0f} | "
             f"{r['params_dense'] / 1e6:.1f}M -> {r['params_sliced'] / 1e6:.1f}M | {r['speedup']:.2f}x |"
         )
     return "\n".join(lines)
