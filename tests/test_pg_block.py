@@ -110,6 +110,23 @@ def test_block_objective_channels_remove_whole_units_at_each_blocks_budget(arch,
     assert sum(kept.values()) == int(keep.sum())
 
 
+def test_block_objective_channels_take_the_admm_refit_and_stay_whole_units(windows):
+    """The refit changes kept weights of the output projections only; removed units stay removed."""
+    plain, refitted = build_model("llama"), build_model("llama")
+    config = dict(pattern="channels", sparsity=0.4, samples_per_step=2, pg_block_steps=5)
+    masks = prune(plain, _config(**config), windows, show_progress=False).masks
+    both = prune(refitted, _config(**config, weight_update="admm"), windows, show_progress=False)
+    first = [name for name in masks if ".layers.0." in name]  # same inputs in both runs: same masks
+    assert first and all(torch.equal(masks[n], both.masks[n]) for n in first)
+    down = "model.layers.0.mlp.down_proj"
+    assert not torch.allclose(get_weight(plain.get_submodule(down)), get_weight(refitted.get_submodule(down)))
+    ids = windows[:2, :12]
+    with torch.no_grad():
+        before = refitted(input_ids=ids).logits
+        slice_pruned_channels(refitted, both.masks)
+        assert torch.allclose(refitted(input_ids=ids).logits, before, atol=1e-5)
+
+
 def test_block_objective_channels_need_every_projection_as_a_target(windows):
     config = _config(pattern="channels", sparsity=0.3, ignore=["down_proj"])
     with pytest.raises(ValueError, match="not targets"):
