@@ -83,7 +83,8 @@ def forget_gguf_quantizer(model) -> None:
 
 
 def load_model_and_tokenizer(model: str | None = None, dtype: str | torch.dtype | None = "float32", **kwargs):
-    """(model, tokenizer) from a Hub id, a local directory (compact and sliced checkpoints too), a .gguf file, or SmolLM2."""
+    """(model, tokenizer) from a Hub id, a local directory (compact and sliced checkpoints too), a .gguf file,
+    or SmolLM2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_reference(model)
@@ -96,11 +97,9 @@ def load_model_and_tokenizer(model: str | None = None, dtype: str | torch.dtype 
             sparse = SparseModel.from_pretrained(source, dtype=resolve_dtype(dtype), **kwargs)
             tokenizer = sparse.tokenizer if sparse.tokenizer is not None else AutoTokenizer.from_pretrained(source)
             return sparse.model, tokenizer
-    from optimum_sparse.pg.sliced_checkpoint import is_sliced_checkpoint
+    from optimum_sparse.pg.sliced_checkpoint import is_sliced_checkpoint, load_sliced_model
 
     if is_sliced_checkpoint(source):  # layers of different widths: transformers alone cannot read it
-        from optimum_sparse.pg.sliced_checkpoint import load_sliced_model
-
         logger.info("loading the sliced checkpoint %s", source)
         return load_sliced_model(source, dtype=resolve_dtype(dtype)), AutoTokenizer.from_pretrained(source)
     path, extra = _split_gguf(source)
