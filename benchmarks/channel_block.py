@@ -78,17 +78,17 @@ def prune_channels(
     return model, result.masks, record
 
 
-def run(args: argparse.Namespace, sparsity: float, eval_ids: torch.Tensor) -> dict:
-    _, _, start = prune_channels(args, sparsity, 0, eval_ids)
-    model, masks, learned = prune_channels(args, sparsity, args.steps, eval_ids)
-    record = {"sparsity": sparsity, "seed": args.seed, "ppl_start": start["ppl"], "seconds_start": start["seconds"]}
-    record["kv_groups_kept_start"] = start["kv_groups_kept"]
-    record.update({f"{key}_learned" if key in ("ppl", "seconds") else key: v for key, v in learned.items()})
+def run(args: argparse.Namespace, sparsity: float) -> dict:
+    dense, tokenizer = load_model_and_tokenizer(None)  # the speed reference, and the evaluation tokens
+    eval_ids = tokenize(load_text(os.path.join(DATA, "test.txt")), tokenizer)
     speed_ids = eval_ids[: args.speed_tokens]
-    dense, _ = load_model_and_tokenizer(None)
-    record["params_dense"] = sum(p.numel() for p in dense.parameters())
+    record = {"sparsity": sparsity, "seed": args.seed, "params_dense": sum(p.numel() for p in dense.parameters())}
     record["tokens_per_s_dense"] = tokens_per_second(dense, speed_ids, args.speed_repeats)
     del dense
+    _, _, start = prune_channels(args, sparsity, 0, eval_ids)
+    model, masks, learned = prune_channels(args, sparsity, args.steps, eval_ids)
+    record.update(ppl_start=start["ppl"], seconds_start=start["seconds"], kv_groups_kept_start=start["kv_groups_kept"])
+    record.update({f"{key}_learned" if key in ("ppl", "seconds") else key: v for key, v in learned.items()})
     slice_pruned_channels(model, masks)
     record["params_sliced"] = sum(p.numel() for p in model.parameters())
     record["tokens_per_s_sliced"] = tokens_per_second(model, speed_ids, args.speed_repeats)
@@ -127,10 +127,7 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true", help="tqdm per block")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    dense, tokenizer = load_model_and_tokenizer(None)
-    del dense
-    eval_ids = tokenize(load_text(os.path.join(DATA, "test.txt")), tokenizer)
-    records = [run(args, sparsity, eval_ids) for sparsity in args.sparsities]
+    records = [run(args, sparsity) for sparsity in args.sparsities]
     print(table(records))
     print(json.dumps({"benchmark": "channel_block", "records": records}))
 

@@ -277,6 +277,8 @@ class BlockContext:
     refit: Solver | None = None
     #: the model's config, for block-level solvers that need the architecture (head counts)
     model_config: object | None = None
+    #: the block's full module name (e.g. "model.layers.3"), for solvers that name its modules
+    name: str = ""
 
     def groups(self, layers: list[PrunableLayer] | None = None) -> list[list[PrunableLayer]]:
         """Layers grouped by shared input tensor (q/k/v; gate/up), in call order."""

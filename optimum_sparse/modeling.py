@@ -628,7 +628,7 @@ class SparseModel(nn.Module):
 
     @staticmethod
     def _load_compact(directory: str, checkpoint: dict, masks, hf_kwargs: dict[str, Any]) -> nn.Module:
-        from transformers import AutoConfig, GenerationConfig
+        from transformers import AutoConfig
 
         weights = os.path.join(directory, checkpoint.get("weights_file", COMPACT_WEIGHTS_NAME))
         if masks is None:
@@ -638,9 +638,16 @@ class SparseModel(nn.Module):
         config = AutoConfig.from_pretrained(directory)
         state_dict = read_compact(weights, masks)
         model = _model_class(config).from_pretrained(None, config=config, state_dict=state_dict, **hf_kwargs)
-        if os.path.isfile(os.path.join(directory, "generation_config.json")):
-            model.generation_config = GenerationConfig.from_pretrained(directory)
+        restore_generation_config(model, directory)
         return model
+
+
+def restore_generation_config(model: nn.Module, directory: str) -> None:
+    """Give a model built without `from_pretrained(directory)` the generation config saved there, if any."""
+    from transformers import GenerationConfig
+
+    if os.path.isfile(os.path.join(directory, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(directory)
 
 
 def is_compact_checkpoint(path: str | os.PathLike) -> bool:

@@ -100,7 +100,7 @@ def prune(
     """
     start = time.perf_counter()
     per_block = find_prunable_layers(model, config)  # validates targets / N:M before any work
-    _, blocks = find_blocks(model)
+    blocks_name, blocks = find_blocks(model)
     solver = get_solver_class(config.method)(config)
     refit = get_solver_class(config.weight_update)(config) if config.weight_update else None
     needs_data = solver.requires_calibration or refit is not None or fixed_masks is not None
@@ -137,7 +137,16 @@ def prune(
             block.to(device)
             inputs.use_block(index)
             context = BlockContext(
-                block, index, per_block[index], inputs, device, with_hessian, result, refit, model_config
+                block,
+                index,
+                per_block[index],
+                inputs,
+                device,
+                with_hessian,
+                result,
+                refit,
+                model_config,
+                name=f"{blocks_name}.{index}",
             )
             if fixed_masks is None and hasattr(solver, "prune_block"):
                 solver.prune_block(context)  # block-level method (e.g. SparseLLM's joint MLP pruning)

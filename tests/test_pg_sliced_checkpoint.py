@@ -59,8 +59,10 @@ def test_plain_transformers_cannot_read_a_sliced_checkpoint_but_the_loader_route
     from transformers import AutoModelForCausalLM
 
     model, _ = _sliced("llama")
+    model.generation_config.max_new_tokens = 77
     save_sliced_model(model, tmp_path / "sliced", tokenizer=build_tokenizer())
     assert is_sliced_checkpoint(tmp_path / "sliced")
+    assert load_sliced_model(tmp_path / "sliced").generation_config.max_new_tokens == 77
     with pytest.raises((RuntimeError, ValueError)):
         AutoModelForCausalLM.from_pretrained(tmp_path / "sliced")
     loaded, tokenizer = load_model_and_tokenizer(str(tmp_path / "sliced"))

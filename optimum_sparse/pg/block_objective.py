@@ -53,18 +53,9 @@ class BlockLearningReport:
     used_learned: bool
 
 
-def _block_prefix(context: BlockContext) -> str:
-    """The block's full module name, read off one of its target layers' full names."""
-    inner = {id(module): name for name, module in context.block.named_modules()}
-    for layer in context.layers:
-        if id(layer.module) in inner:
-            return layer.name[: -(len(inner[id(layer.module)]) + 1)]
-    raise ValueError(f"block {context.index}: none of its target layers lies inside it")
-
-
 def _channel_space(context: BlockContext, config: SparsityConfig) -> ChannelSpace:
     """The block's MLP channels and KV groups, at the requested sparsity of the block's own parameters."""
-    groups = block_channel_groups(context.block, _block_prefix(context), context.model_config)
+    groups = block_channel_groups(context.block, context.name, context.model_config)
     targets = {layer.name for layer in context.layers}
     missing = sorted(f"{g.name}.{s.attr}" for g in groups for s in g.slices if f"{g.name}.{s.attr}" not in targets)
     if missing:
@@ -138,7 +129,7 @@ def learn_block_masks(context: BlockContext, config: SparsityConfig, solver: Sol
             learner.scores.sub_(config.pg_block_lr * learner.scores.grad)
         learner.project()
         learner.end_step()
-    learned = hard_error()
+    learned = hard_error() if config.pg_block_steps else initial  # no step: the scores did not move
     # the guard: a learned mask that reconstructs the block worse than its initialisation is not used
     use_learned = learned <= initial
     hard = learner.hard_mask() if use_learned else initial_mask

@@ -149,7 +149,7 @@ def load_sliced_model(path: str | os.PathLike, dtype: torch.dtype | str | None =
     """The model saved by `save_sliced_model` (or by `save_pretrained` after slicing), in eval mode."""
     from transformers import AutoConfig
 
-    from optimum_sparse.modeling import _model_class
+    from optimum_sparse.modeling import _model_class, restore_generation_config
 
     directory = os.fspath(path)
     if not os.path.isdir(directory):
@@ -178,6 +178,7 @@ def load_sliced_model(path: str | os.PathLike, dtype: torch.dtype | str | None =
             f"{directory}: the saved tensors do not fit the sliced architecture "
             f"(missing {untied[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
+    restore_generation_config(model, directory)
     model.eval()
     logger.info("loaded the sliced model %s (%d parameters)", directory, sum(p.numel() for p in model.parameters()))
     return model
