@@ -159,8 +159,10 @@ class SparsityConfig:
         harden_scope: (pg) final masks keep the top keep-probabilities "global"ly under the budget
             or within each "layer" (each MLP / attention module, or linear) at the same sparsity, or
             (per-weight masks) within each output "row", Wanda's rule: the initial mask is then Wanda's.
-        pg_submodels: (pg, pattern "channels") "sliced": each sampled sub-model is built once as
-            smaller dense layers and reused while stale; "masked": forward hooks zero the units.
+        pg_submodels: (pg) "sliced": each sampled sub-model is built once and reused while stale: a
+            channel mask as smaller dense layers, a 2:4 mask as compressed semi-structured sparse
+            weights where torch supports them (CUDA, sm80+; elsewhere masked in place); "masked":
+            forward hooks zero the units (channels), W0 * m written into the weights (N:M).
     """
 
     method: str = "sparsegpt"

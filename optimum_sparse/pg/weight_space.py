@@ -2,7 +2,9 @@
 
 Units are the weights of the target linears (`find_prunable_layers`), laid out layer after layer in
 (out, in) order and flattened. N:M groups are M consecutive input weights of a row, matching
-`masks.nm_mask`. Sub-models are instantiated by writing W0 * m into the weights (`WeightMasker`).
+`masks.nm_mask`. Sub-models are instantiated by writing W0 * m into the weights (`WeightMasker`);
+2:4 sub-models are compressed into semi-structured sparse weights where torch supports it (CUDA,
+`semi_structured.SemiStructuredMasker`) unless `pg_submodels="masked"`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from optimum_sparse.masks import num_pruned, topk_mask
 from optimum_sparse.pg.distributions import BernoulliMasks, NMCategorical
 from optimum_sparse.pg.masking import WeightMasker
 from optimum_sparse.pg.projection import project_to_budget, sigmoid_to_budget, zscore
+from optimum_sparse.pg.semi_structured import SemiStructuredMasker, sample_digest
 from optimum_sparse.pg.space import MaskSpace
 
 
@@ -44,7 +47,9 @@ class _WeightLayout:
 
 
 @torch.no_grad()
-def _zero_outside(masker: WeightMasker, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _zero_outside(
+    masker: WeightMasker | SemiStructuredMasker, masks: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Back to the dense weights, then zero them outside `masks` in place (keeps any refit done since)."""
     masker.deactivate()
     masker.remove()
@@ -132,16 +137,29 @@ class NMSpace(MaskSpace):
         self.family = NMCategorical(self.n, self.m)
         self.layout = _WeightLayout(model, config, layers)
         self.num_groups = self.layout.numel // self.m
-        self.masker = WeightMasker(self.layout.modules)
+        self.masker: WeightMasker | SemiStructuredMasker
+        if (self.n, self.m) == (2, 4) and config.pg_submodels != "masked":
+            self.masker = SemiStructuredMasker(self.layout.modules, capacity=config.samples_per_step)
+        else:
+            self.masker = WeightMasker(self.layout.modules)
 
     def initial_scores(self) -> torch.Tensor:
         return torch.zeros(self.num_groups, self.family.num_patterns)
 
     def activate(self, sample: torch.Tensor) -> None:
-        self.masker.activate(self.weight_masks(sample))
+        if isinstance(self.masker, SemiStructuredMasker):
+            self.masker.activate(self.weight_masks(sample), key=sample_digest(sample))
+        else:
+            self.masker.activate(self.weight_masks(sample))
 
     def deactivate(self) -> None:
         self.masker.deactivate()
+
+    def instantiation_stats(self) -> dict[str, float]:
+        """Compressed 2:4 sub-models built so far and the seconds spent (empty when no layer is compressed)."""
+        if isinstance(self.masker, SemiStructuredMasker) and self.masker.compressed_layers:
+            return {"instantiations": float(self.masker.instantiations), "instantiation_seconds": self.masker.seconds}
+        return {}
 
     def harden(self, scores: torch.Tensor) -> torch.Tensor:
         return self.family.mode(scores)

@@ -1,0 +1,154 @@
+"""2:4 sub-models instantiated as compressed semi-structured sparse weights (CUDA), cached while stale.
+
+Policy gradients on stale sub-models (ICLR 2025 submission 5866) reuse a sampled sub-model for
+`refresh_every` steps, which pays when instantiating one costs something. For a 2:4 mask on an
+Ampere-or-newer GPU that instantiation is real: `torch.sparse.to_sparse_semi_structured(W0 * m)`
+compresses each masked weight into its kept values plus metadata, and the sparse tensor-core matmul
+then runs the forward pass on half the weights. Activating a sample swaps the compressed weights in
+as the layers' `weight` parameters; the dense parameters are put back on `deactivate`, and the
+most recent `capacity` compressed sub-models stay cached (keyed by a digest of the sample), so a
+stale sample, or alternating between the samples of one step, never compresses twice.
+
+Where torch cannot compress a layer (CPU tensors, float64, a shape the kernel rejects, a GPU older
+than sm80) that layer falls back to masking in place (W0 * m written into the dense weight, as
+`masking.WeightMasker` does), decided once per layer at the first activation and logged; the
+sub-model computes the same function either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from optimum_sparse.architecture import get_weight
+
+logger = logging.getLogger(__name__)
+
+Converter = Callable[[torch.Tensor], torch.Tensor]
+
+
+def default_converter() -> Converter | None:
+    """torch's 2:4 compressor, or None when this torch has none."""
+    return getattr(torch.sparse, "to_sparse_semi_structured", None)
+
+
+def sample_digest(sample: torch.Tensor) -> bytes:
+    """A short key identifying one sampled mask (pattern indices or bits), for the cache."""
+    flat = sample.detach().reshape(-1)
+    if flat.dtype == torch.bool or (flat.numel() and 0 <= int(flat.min()) and int(flat.max()) < 256):
+        flat = flat.to(torch.uint8)  # pattern indices of 2:4 groups (< 6) or bits: 8x less to copy and hash
+    data = flat.cpu().contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).digest() + flat.numel().to_bytes(8, "little")
+
+
+class SemiStructuredMasker:
+    """Instantiates 2:4 sub-models of `modules` as compressed weights where torch can, masked elsewhere.
+
+    Args:
+        modules: {name: linear} whose weights the masks cover ((out, in) masks, 2 of every 4 inputs kept).
+        capacity: how many compressed sub-models stay cached (the samples of one step).
+        converter: dense (masked) weight -> compressed weight; `torch.sparse.to_sparse_semi_structured`
+            by default (tests pass their own to check the swapping on CPU).
+
+    `instantiations` counts the compressed sub-models built, `seconds` the time spent building them,
+    `compressed_layers` / `masked_layers` name the layers of each kind once decided.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], capacity: int = 1, converter: Converter | None = None):
+        self.modules = modules
+        self.capacity = max(1, int(capacity))
+        self.converter = converter if converter is not None else default_converter()
+        self.parameters = {name: module.weight for name, module in modules.items()}  # the dense parameters
+        self.dense_copies: dict[str, torch.Tensor] = {}  # W0 of the layers masked in place
+        self.compressed_layers: list[str] | None = None
+        self.masked_layers: list[str] = []
+        self.cache: OrderedDict[bytes, dict[str, nn.Parameter]] = OrderedDict()
+        self.is_active = False
+        self.instantiations = 0
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def _decide(self, masks: dict[str, torch.Tensor]) -> None:
+        """Try to compress every layer once; the layers torch refuses are masked in place from now on."""
+        compressed, refused = [], {}
+        for name, parameter in self.parameters.items():
+            if self.converter is None:
+                refused[name] = "this torch has no torch.sparse.to_sparse_semi_structured"
+                continue
+            try:
+                self.converter(parameter.detach() * masks[name].to(parameter.device, parameter.dtype))
+                compressed.append(name)
+            except (RuntimeError, ValueError, NotImplementedError) as error:
+                refused[name] = str(error).splitlines()[0] if str(error) else type(error).__name__
+        for name in refused:
+            self.dense_copies[name] = self.parameters[name].detach().clone()
+        self.compressed_layers, self.masked_layers = compressed, list(refused)
+        if refused:
+            reason = next(iter(refused.values()))
+            logger.info(
+                "2:4 sub-models: %d of %d layers compressed (semi-structured), %d masked in place (%s)",
+                len(compressed),
+                len(self.parameters),
+                len(refused),
+                reason,
+            )
+        else:
+            logger.info("2:4 sub-models: all %d layers compressed (semi-structured)", len(compressed))
+
+    @torch.no_grad()
+    def _build(self, masks: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+        start = time.perf_counter()
+        built = {}
+        for name in self.compressed_layers:
+            parameter = self.parameters[name]
+            masked = parameter.detach() * masks[name].to(parameter.device, parameter.dtype)
+            built[name] = nn.Parameter(self.converter(masked.contiguous()), requires_grad=False)
+        if built and next(iter(built.values())).is_cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        self.instantiations += 1
+        return built
+
+    @torch.no_grad()
+    def activate(self, masks: dict[str, torch.Tensor], key: bytes | None = None) -> None:
+        """Make the modules compute W0 * masks; `key` (e.g. `sample_digest`) lets the compressed copy be reused."""
+        if self.compressed_layers is None:
+            self._decide(masks)
+        built = self.cache.get(key) if key is not None else None
+        if built is None:
+            built = self._build(masks)
+            if key is not None:
+                self.cache[key] = built
+                while len(self.cache) > self.capacity:
+                    self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(key)
+        for name, parameter in built.items():
+            self.modules[name].weight = parameter
+        for name, dense in self.dense_copies.items():
+            get_weight(self.modules[name]).copy_(dense * masks[name].to(dense.device, dense.dtype))
+        self.is_active = True
+
+    @torch.no_grad()
+    def deactivate(self) -> None:
+        """The dense parameters back in the modules (the compressed sub-models stay cached)."""
+        if not self.is_active:
+            return
+        for name, parameter in self.parameters.items():
+            self.modules[name].weight = parameter
+        for name, dense in self.dense_copies.items():
+            get_weight(self.modules[name]).copy_(dense)
+        self.is_active = False
+
+    def remove(self) -> None:
+        """Dense parameters back in the modules; the cache and the dense copies forgotten."""
+        self.deactivate()
+        self.cache.clear()
+        self.dense_copies.clear()
+        self.is_active = False
