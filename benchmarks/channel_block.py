@@ -30,7 +30,8 @@ from mask_learning import tokens_per_second  # the sibling benchmark's throughpu
 from optimum_sparse import SparsityConfig, perplexity, prune
 from optimum_sparse.calibration import load_text, tokenize
 from optimum_sparse.loading import load_model_and_tokenizer
-from optimum_sparse.pg.sliced_checkpoint import kept_units_from_masks, slice_pruned_channels
+from optimum_sparse.pg.channel_space import channel_keep_from_masks
+from optimum_sparse.pg.sliced_checkpoint import slice_pruned_channels
 from optimum_sparse.pg.units import find_channel_groups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,7 +65,7 @@ def prune_channels(
     seconds = time.perf_counter() - start
     reports = list(result.block_reports.values())
     groups = find_channel_groups(model)
-    keep = kept_units_from_masks(groups, result.masks)
+    keep = channel_keep_from_masks(groups, result.masks)
     record = {
         "kv_groups_kept": sum(int(keep[g.units].sum()) for g in groups if g.kind == "attention"),
         "sparsity": sparsity,

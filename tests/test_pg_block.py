@@ -10,8 +10,8 @@ from optimum_sparse import SparsityCallback, SparsityConfig, prune
 from optimum_sparse.architecture import get_weight
 from optimum_sparse.calibration import sample_windows, tokenize
 from optimum_sparse.masks import is_valid_nm
-from optimum_sparse.pg.channel_space import unit_weight_masks
-from optimum_sparse.pg.sliced_checkpoint import kept_units_from_masks, slice_pruned_channels
+from optimum_sparse.pg.channel_space import channel_keep_from_masks, unit_weight_masks
+from optimum_sparse.pg.sliced_checkpoint import slice_pruned_channels
 from optimum_sparse.pg.units import find_channel_groups, unit_costs
 from optimum_sparse.solvers import get_solver_class
 
@@ -90,7 +90,7 @@ def test_block_objective_channels_remove_whole_units_at_each_blocks_budget(arch,
     result, solver = _solver_of(model, config, windows)
     groups = find_channel_groups(model)
     assert len(result.masks) == sum(len(g.slices) for g in groups)
-    keep = kept_units_from_masks(groups, result.masks)  # the unit mask must explain every layer's mask
+    keep = channel_keep_from_masks(groups, result.masks)  # the unit mask must explain every layer's mask
     expected = unit_weight_masks(groups, keep)
     assert all(torch.equal(result.masks[name], expected[name]) for name in result.masks)
     costs = unit_costs(groups)

@@ -26,12 +26,14 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from optimum_sparse.checkpoint import MASKS_NAME, read_masks
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.pg import checkpointing, distributed, wiring
 from optimum_sparse.pg.channel_space import ChannelSpace
@@ -58,6 +60,21 @@ def build_space(model: nn.Module, config: SparsityConfig) -> MaskSpace:
     return UnstructuredSpace(model, config, config.harden_scope)
 
 
+def _read_init_masks(source: dict[str, torch.Tensor] | str | os.PathLike) -> dict[str, torch.Tensor]:
+    """{module name: bool mask} from a dict, a saved SparseModel directory, or a masks file."""
+    if isinstance(source, dict):
+        return {name: mask.detach().cpu().bool() for name, mask in source.items()}
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, MASKS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"init_masks: no {MASKS_NAME} at {path}; pass the directory SparseModel.save_pretrained "
+            f"(or `optimum-sparse prune --output`) wrote, or the masks as a dict"
+        )
+    return read_masks(path)
+
+
 class SparsityCallback(TrainerCallback):
     """Learns the mask of `config` (method "pg") during `Trainer.train()`; see the module docstring.
 
@@ -65,12 +82,23 @@ class SparsityCallback(TrainerCallback):
         config: a `SparsityConfig` with method "pg".
         calibration: token ids (a LongTensor, batch x length) for the Wanda initialisation; by default
             the first training batches (up to `config.num_samples` sequences) are used.
+        init_masks: start from these masks instead ({module name: (out, in) keep-mask}, or a saved
+            SparseModel directory / sparsity_masks.safetensors file), e.g. a mask `prune()` learned
+            block by block, to refine it on the training loss. The model must hold the dense weights.
+            Their hard mask is the starting mask; with `init="wanda"` the Wanda metric ranks the units
+            within the kept and the removed ones (what sampling explores first), `init_temperature`
+            sets how close samples stay to it.
 
     After training: `masks` ({module name: (out, in) bool keep-mask}), `hard_mask` (flat, in the
     space's unit order), `history` (per-step statistics), and for channels `slice_model()`.
     """
 
-    def __init__(self, config: SparsityConfig, calibration: torch.Tensor | None = None):
+    def __init__(
+        self,
+        config: SparsityConfig,
+        calibration: torch.Tensor | None = None,
+        init_masks: dict[str, torch.Tensor] | str | os.PathLike | None = None,
+    ):
         if config.method != "pg":
             raise ValueError(f"SparsityCallback learns masks with method 'pg', got method {config.method!r}")
         if config.pg_objective != "lm":
@@ -80,12 +108,13 @@ class SparsityCallback(TrainerCallback):
             )
         self.config = config
         self.calibration = calibration
+        self.init_masks = _read_init_masks(init_masks) if init_masks is not None else None
         self.model: nn.Module | None = None
         self.space: MaskSpace | None = None
         self.learner: StaleSubModelLearner | None = None
         self.masks: dict[str, torch.Tensor] | None = None
         self.hard_mask: torch.Tensor | None = None
-        self._initialised = config.init == "uniform"
+        self._initialised = config.init == "uniform" and self.init_masks is None
         self._logged_upto = 0
         self._resume_from: str | None = None
 
@@ -123,14 +152,34 @@ class SparsityCallback(TrainerCallback):
         return model
 
     def initialise(self, batches=None) -> None:
-        """Wanda initialisation from an iterable of batches (dicts with input_ids / attention_mask).
+        """Initial scores: the Wanda metric from an iterable of batches (dicts with input_ids /
+        attention_mask), and/or the `init_masks` given to the callback.
 
         Without `batches`, the `calibration` token ids given to the callback are used. Called by the
         Trainer at the start of training; call it earlier to inspect (or evaluate) the initial mask.
         """
+        metric = None
+        if self.config.init == "wanda":
+            if batches is None:
+                batches = self._calibration_batches(None, self.learner.scores.device)
+            metric = self._wanda_metric(batches)
+        temperature = self.config.init_temperature
+        if self.init_masks is not None:
+            keep = self.space.keep_from_masks(self.init_masks)
+            scores = self.space.init_from_mask(keep, metric, temperature)
+            source = f"the given masks ({self.space.sparsity_of(keep):.4f} sparse)"
+        else:
+            scores = self.space.init_from_metric(metric, temperature)
+            source = "Wanda"
+        with torch.no_grad():
+            self.learner.scores.copy_(scores.to(self.learner.scores.device))
+        self._initialised = True
+        logger.info(
+            "initialised from %s: expected sparsity %.4f", source, self.space.expected_sparsity(self.learner.scores)
+        )
+
+    def _wanda_metric(self, batches) -> torch.Tensor:
         model = self.model
-        if batches is None:
-            batches = self._calibration_batches(None, self.learner.scores.device)
         self.learner.deactivate()
         was_training = model.training
         model.eval()
@@ -138,11 +187,7 @@ class SparsityCallback(TrainerCallback):
             norms = input_norms(layers_of(self.space), lambda batch: wiring.dense_forward(model, **batch), batches)
         finally:
             model.train(was_training)
-        scores = self.space.init_from_metric(wanda_metric(self.space, norms), self.config.init_temperature)
-        with torch.no_grad():
-            self.learner.scores.copy_(scores.to(self.learner.scores.device))
-        self._initialised = True
-        logger.info("Wanda initialisation: expected sparsity %.4f", self.space.expected_sparsity(self.learner.scores))
+        return wanda_metric(self.space, norms)
 
     def _calibration_batches(self, train_dataloader, device: torch.device):
         if self.calibration is not None:
@@ -196,7 +241,8 @@ class SparsityCallback(TrainerCallback):
             self._restore(args, state)
         if not self._initialised:
             device = self.learner.scores.device
-            self.initialise(self._calibration_batches(train_dataloader, device))
+            batches = self._calibration_batches(train_dataloader, device) if self.config.init == "wanda" else None
+            self.initialise(batches)
             distributed.synchronise(self.learner.scores)  # ranks calibrated on different batches
         self.model.train()
 

@@ -147,9 +147,15 @@ class ChannelSpace(MaskSpace):
         self.masker.remove()
         return slice_channels(self.groups, hard)
 
-    def init_from_metric(self, metric: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """sigmoid(z + tau): z = the z-scored log-metric within each group (one layer's MLP channels, or
-        its attention groups), tau on the budget.
+    def keep_from_masks(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        return channel_keep_from_masks(self.groups, masks)
+
+    def scores_from_zscores(self, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """sigmoid(z / temperature + tau), tau putting the expected parameter count on the budget."""
+        return sigmoid_to_budget(z.double() / temperature, self.costs, self.budget).float()
+
+    def metric_zscores(self, metric: torch.Tensor) -> torch.Tensor:
+        """The z-scored log-metric within each group (one layer's MLP channels, or its attention groups).
 
         Within a layer the metric ranks units; across layers it does not compare: activation norms grow
         with depth, so a global ranking removed 90% of the first layers' channels and none of the last
@@ -162,7 +168,7 @@ class ChannelSpace(MaskSpace):
         for group in self.groups:
             units = slice(group.offset, group.offset + group.num_units)
             z[units] = zscore(metric[units])
-        return sigmoid_to_budget(z / temperature, self.costs, self.budget).float()
+        return z
 
 
 def unit_weight_masks(groups: list[ChannelGroup], keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -178,3 +184,27 @@ def unit_weight_masks(groups: list[ChannelGroup], keep: torch.Tensor) -> dict[st
             mask = features.unsqueeze(1) if unit_slice.side == "out" else features.unsqueeze(0)
             masks[f"{group.name}.{unit_slice.attr}"] = mask.expand(tuple(weight.shape)).clone()
     return masks
+
+
+def channel_keep_from_masks(groups: list[ChannelGroup], masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The flat unit keep-vector behind per-layer channel masks (what `unit_weight_masks` inverts).
+
+    A unit is kept if its columns of the output projection are; a ValueError when a projection has no
+    mask, or when the masks do not remove whole channels / KV groups (per-weight masks)."""
+    keep = torch.zeros(sum(group.num_units for group in groups), dtype=torch.bool)
+    for group in groups:
+        consumer = group.consumer
+        name = f"{group.name}.{consumer.attr}"
+        if name not in masks:
+            raise ValueError(f"no mask for {name}: the masks do not cover every channel projection")
+        columns = masks[name].to("cpu", torch.bool).any(0)
+        owned = consumer.indices(torch.arange(group.num_units)).reshape(len(consumer.offsets), group.num_units, -1)
+        keep[group.units] = columns[owned].all(dim=2).all(dim=0)
+    implied = unit_weight_masks(groups, keep)
+    wrong = [name for name, mask in implied.items() if name in masks and not torch.equal(masks[name].cpu(), mask)]
+    if wrong:
+        raise ValueError(
+            f"the masks of {wrong[:3]} do not remove whole channels / KV groups (pattern 'channels' needs "
+            f"masks of that pattern, e.g. from prune() with pattern='channels')"
+        )
+    return keep

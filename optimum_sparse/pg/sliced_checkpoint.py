@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from optimum_sparse.checkpoint import save_directory_atomically
-from optimum_sparse.pg.channel_space import unit_weight_masks
+from optimum_sparse.pg.channel_space import channel_keep_from_masks
 from optimum_sparse.pg.slicing import slice_channels
-from optimum_sparse.pg.units import ChannelGroup, find_channel_groups
+from optimum_sparse.pg.units import find_channel_groups
 
 logger = logging.getLogger(__name__)
 
@@ -46,30 +46,11 @@ def record_sliced_units(model: nn.Module, kept_counts: dict[str, int]) -> None:
     setattr(config, SLICED_UNITS_KEY, {name: int(count) for name, count in kept_counts.items()})
 
 
-def kept_units_from_masks(groups: list[ChannelGroup], masks: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The flat unit keep-mask behind per-layer channel masks: a unit is kept if its columns of the
-    output projection are (a ValueError when that projection has no mask)."""
-    keep = torch.zeros(sum(group.num_units for group in groups), dtype=torch.bool)
-    for group in groups:
-        consumer = group.consumer
-        name = f"{group.name}.{consumer.attr}"
-        if name not in masks:
-            raise ValueError(f"no mask for {name}: the masks do not cover every channel projection")
-        columns = masks[name].to("cpu", torch.bool).any(0)
-        owned = consumer.indices(torch.arange(group.num_units)).reshape(len(consumer.offsets), group.num_units, -1)
-        keep[group.units] = columns[owned].all(dim=2).all(dim=0)
-    return keep
-
-
 def slice_pruned_channels(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, int]:
     """Slice a model pruned with pattern "channels" (e.g. by `prune()` with pg_objective="block") down to
     its kept units; returns and records the kept counts, ready for `save_sliced_model`."""
     groups = find_channel_groups(model)
-    keep = kept_units_from_masks(groups, masks)
-    implied = unit_weight_masks(groups, keep)
-    wrong = [name for name, mask in implied.items() if name in masks and not torch.equal(masks[name].cpu(), mask)]
-    if wrong:
-        raise ValueError(f"the masks of {wrong[:3]} do not remove whole channels / KV groups: nothing to slice")
+    keep = channel_keep_from_masks(groups, masks)
     kept = slice_channels(groups, keep)
     record_sliced_units(model, kept)
     return kept

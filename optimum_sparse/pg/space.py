@@ -13,6 +13,10 @@ import torch
 
 from optimum_sparse.pg.estimator import MaskFamily
 
+#: gap (in logits, before the temperature) between the least preferred kept unit and the most
+#: preferred removed one when scores start from a given mask (`init_from_mask`)
+MASK_MARGIN = 1.0
+
 
 class MaskSpace(ABC):
     """Scores (keep-probabilities or pattern logits) of all units of a model, and their masks."""
@@ -76,8 +80,40 @@ class MaskSpace(ABC):
         """Write the hard mask into the model permanently (zeros), detach, return the weight masks."""
 
     @abstractmethod
+    def metric_zscores(self, metric: torch.Tensor) -> torch.Tensor:
+        """The metric (one value per unit, or per weight for N:M) z-scored within each layer (float64)."""
+
+    @abstractmethod
+    def scores_from_zscores(self, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Scores on the budget from per-unit (per-weight) preferences z: higher = keep."""
+
+    @abstractmethod
+    def keep_from_masks(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The flat keep-vector (the metric's layout) behind {module name: (out, in) keep-mask}."""
+
     def init_from_metric(self, metric: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Scores from a per-unit importance metric (higher = keep), on the budget.
 
         `temperature` < 1 sharpens the distribution around the metric's hard mask (fewer uncertain
         units, so sampled sub-models stay close to it); > 1 flattens it."""
+        return self.scores_from_zscores(self.metric_zscores(metric), temperature)
+
+    def init_from_mask(
+        self, keep: torch.Tensor, metric: torch.Tensor | None = None, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """Scores whose hard mask is `keep` (e.g. a mask learned block by block), to refine from there.
+
+        Each unit's preference is its metric z-score (zero without a metric) plus a margin towards
+        its side of `keep`, wide enough that every kept unit outranks every removed one: sampled
+        sub-models then explore first where the metric doubts the mask (kept units with a low metric,
+        removed units with a high one). `temperature` scales the whole as in `init_from_metric`.
+        """
+        keep = keep.reshape(-1).cpu().bool()
+        if metric is None:
+            z = torch.zeros(keep.numel(), dtype=torch.float64)
+        else:
+            z = self.metric_zscores(metric).cpu()
+        if z.numel() != keep.numel():
+            raise ValueError(f"the mask has {keep.numel()} entries, the space's metric {z.numel()}")
+        margin = 0.5 * float(z.max() - z.min()) + MASK_MARGIN
+        return self.scores_from_zscores(z + margin * (2.0 * keep.double() - 1.0), temperature)

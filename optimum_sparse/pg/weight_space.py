@@ -37,6 +37,21 @@ class _WeightLayout:
             total += shape[0] * shape[1]
         self.numel = total
 
+    def zscores(self, metric: torch.Tensor) -> torch.Tensor:
+        """A per-weight metric z-scored within each layer (float64, flat)."""
+        return torch.cat([zscore(part.double()) for part in self.split(metric.detach().reshape(-1)).values()])
+
+    def flatten_masks(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """{name: (out, in) keep-mask} of every target layer, flattened in the layout's order."""
+        missing = [name for name in self.shapes if name not in masks]
+        if missing:
+            raise ValueError(f"no mask for {missing[:3]} ({len(missing)} target layers): pass a mask for every one")
+        wrong = [name for name, shape in self.shapes.items() if tuple(masks[name].shape) != shape]
+        if wrong:
+            name = wrong[0]
+            raise ValueError(f"the mask of {name} has shape {tuple(masks[name].shape)}, its weight {self.shapes[name]}")
+        return torch.cat([masks[name].reshape(-1).cpu().bool() for name in self.shapes])
+
     def split(self, flat: torch.Tensor, per_unit: int = 1) -> dict[str, torch.Tensor]:
         """Per-layer (out, in) views of a flat per-weight vector (`per_unit` entries per N:M group)."""
         views = {}
@@ -117,10 +132,15 @@ class UnstructuredSpace(MaskSpace):
     def finalize(self, hard: torch.Tensor) -> dict[str, torch.Tensor]:
         return _zero_outside(self.masker, self.weight_masks(hard))
 
-    def init_from_metric(self, metric: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """sigmoid(z / temperature + tau), z-scored within each layer, tau putting sum(s) on the budget."""
-        z = torch.cat([zscore(part.double()) for part in self.layout.split(metric.detach().reshape(-1)).values()])
+    def metric_zscores(self, metric: torch.Tensor) -> torch.Tensor:
+        return self.layout.zscores(metric)
+
+    def scores_from_zscores(self, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """sigmoid(z / temperature + tau), tau putting sum(s) on the budget."""
         return sigmoid_to_budget(z / temperature, self.costs.to(z.device), self.budget).float()
+
+    def keep_from_masks(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.layout.flatten_masks(masks)
 
 
 class NMSpace(MaskSpace):
@@ -178,8 +198,20 @@ class NMSpace(MaskSpace):
     def finalize(self, hard: torch.Tensor) -> dict[str, torch.Tensor]:
         return _zero_outside(self.masker, self.weight_masks(hard))
 
-    def init_from_metric(self, metric: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """Pattern logits = sum of the z-scored metric (per layer) over the pattern's weights / temperature."""
-        z = torch.cat([zscore(part.double()) for part in self.layout.split(metric.detach().reshape(-1)).values()])
+    def metric_zscores(self, metric: torch.Tensor) -> torch.Tensor:
+        return self.layout.zscores(metric)
+
+    def scores_from_zscores(self, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Pattern logits = sum of the weights' z over the pattern's kept weights / temperature."""
         groups = z.float().reshape(self.num_groups, self.m)
         return groups @ self.family.patterns.to(groups.device).float().t() / temperature
+
+    def keep_from_masks(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        keep = self.layout.flatten_masks(masks)
+        kept_per_group = keep.reshape(self.num_groups, self.m).sum(1)
+        if not bool((kept_per_group == self.n).all()):
+            raise ValueError(
+                f"the masks are not {self.n}:{self.m} (every {self.m} consecutive inputs of a row keep {self.n}); "
+                f"start from masks of the same pattern"
+            )
+        return keep
