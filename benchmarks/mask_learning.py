@@ -13,6 +13,7 @@ For each sparsity (and each `--refresh-every` K) one run, in a fresh model:
 
     python benchmarks/mask_learning.py --sparsities 0.3 0.5 --steps 300 --budget-minutes 40
     python benchmarks/mask_learning.py --sparsities 0.3 --refresh-every 1 4 16 --steps 60
+    python benchmarks/mask_learning.py --sparsities 0.3 --init-masks DIR   # refine a mask prune() learned
 
 Prints a markdown table, then one JSON line with every measurement.
 """
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
         seq_len=args.seq_len,
         seed=args.seed,
     )
-    callback = SparsityCallback(config, calibration=calibration)
+    callback = SparsityCallback(config, calibration=calibration, init_masks=args.init_masks)
     callback.prepare(model)
     start = time.perf_counter()
     callback.initialise()
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
     ones = {name: torch.ones(layer.weight.shape[1]) for name, layer in layers_of(space).items()}
     magnitude = space.init_from_metric(wanda_metric(space, ones)).to(wanda.device)
     record: dict = {"pattern": args.pattern, "sparsity": sparsity, "refresh_every": refresh_every}
+    start_key = "ppl_wanda" if args.init_masks is None else "ppl_start"  # start: the given masks' hard mask
     record.update(
         samples_per_step=args.samples_per_step,
         init_temperature=args.init_temperature,
@@ -120,11 +122,12 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
         importance_ratio=args.importance_ratio,
         layer_sharing=args.layer_sharing,
         seed=args.seed,
+        init_masks=args.init_masks,
     )
     if not args.skip_baselines:
         record["ppl_magnitude"] = score_ppl(callback, magnitude, evaluate)
-        record["ppl_wanda"] = score_ppl(callback, wanda, evaluate)
-        logger.info("sparsity %s: magnitude %.2f, wanda %.2f", sparsity, record["ppl_magnitude"], record["ppl_wanda"])
+        record[start_key] = score_ppl(callback, wanda, evaluate)
+        logger.info("sparsity %s: magnitude %.2f, start %.2f", sparsity, record["ppl_magnitude"], record[start_key])
     with torch.no_grad():
         callback.learner.scores.copy_(wanda)
 
@@ -185,12 +188,14 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
 
 def table(records: list[dict]) -> str:
     lines = [
-        "| pattern | sparsity | K | magnitude | Wanda init | learned | steps | s/step | instantiations | speedup |",
+        "| pattern | sparsity | K | magnitude | start (Wanda, or --init-masks) | learned | steps | s/step | "
+        "instantiations | speedup |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-        magnitude, wanda = (f"{r[key]:.2f}" if key in r else "-" for key in ("ppl_magnitude", "ppl_wanda"))
+        start_key = "ppl_start" if r.get("init_masks") else "ppl_wanda"
+        magnitude, wanda = (f"{r[key]:.2f}" if key in r else "-" for key in ("ppl_magnitude", start_key))
         learned = f"{r['ppl_learned']:.2f}"
         if "ppl_learned_admm" in r:
             learned += f" (+ADMM {r['ppl_learned_admm']:.2f})"
@@ -222,6 +227,9 @@ def main() -> None:
     parser.add_argument("--samples-per-step", type=int, default=1, help="2+: leave-one-out baseline per batch")
     parser.add_argument("--init-temperature", type=float, default=1.0, help="< 1: sharper Wanda initialisation")
     parser.add_argument("--final-weight-update", default=None, choices=[None, "admm"])
+    parser.add_argument(
+        "--init-masks", default=None, help="start from these masks (a directory `optimum-sparse prune --output` wrote)"
+    )
     parser.add_argument("--eval-max-windows", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0, help="seed of the mask sampler")
     parser.add_argument(
