@@ -74,52 +74,54 @@ class SemiStructuredMasker:
         self.seconds = 0.0
 
     @torch.no_grad()
-    def _decide(self, masks: dict[str, torch.Tensor]) -> None:
-        """Try to compress every layer once; the layers torch refuses are masked in place from now on."""
-        compressed, refused = [], {}
-        for name, parameter in self.parameters.items():
+    def _build(self, masks: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+        """Compressed W0 * m of every compressible layer; the first call finds out which those are."""
+        start = time.perf_counter()
+        deciding = self.compressed_layers is None
+        built, refused = {}, {}
+        for name in self.parameters if deciding else self.compressed_layers:
+            module, parameter = self.modules[name], self.parameters[name]
             if self.converter is None:
                 refused[name] = "this torch has no torch.sparse.to_sparse_semi_structured"
                 continue
+            if type(module) is not nn.Linear:  # Conv1D keeps (in, out) weights: 2:4 would run along outputs
+                refused[name] = f"{type(module).__name__} is not an nn.Linear"
+                continue
+            masked = (parameter.detach() * masks[name].to(parameter.device, parameter.dtype)).contiguous()
             try:
-                self.converter(parameter.detach() * masks[name].to(parameter.device, parameter.dtype))
-                compressed.append(name)
+                built[name] = nn.Parameter(self.converter(masked), requires_grad=False)
             except (RuntimeError, ValueError, NotImplementedError) as error:
+                if not deciding:
+                    raise
                 refused[name] = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if deciding:
+            self._record_decision(list(built), refused)
+        if built and next(iter(built.values())).is_cuda:
+            torch.cuda.synchronize()
+        if built:
+            self.seconds += time.perf_counter() - start
+            self.instantiations += 1
+        return built
+
+    def _record_decision(self, compressed: list[str], refused: dict[str, str]) -> None:
+        """The refused layers are masked in place from now on (their dense weights copied aside)."""
         for name in refused:
-            self.dense_copies[name] = self.parameters[name].detach().clone()
+            self.dense_copies[name] = get_weight(self.modules[name]).detach().clone()
         self.compressed_layers, self.masked_layers = compressed, list(refused)
         if refused:
-            reason = next(iter(refused.values()))
             logger.info(
                 "2:4 sub-models: %d of %d layers compressed (semi-structured), %d masked in place (%s)",
                 len(compressed),
                 len(self.parameters),
                 len(refused),
-                reason,
+                next(iter(refused.values())),
             )
         else:
             logger.info("2:4 sub-models: all %d layers compressed (semi-structured)", len(compressed))
 
     @torch.no_grad()
-    def _build(self, masks: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
-        start = time.perf_counter()
-        built = {}
-        for name in self.compressed_layers:
-            parameter = self.parameters[name]
-            masked = parameter.detach() * masks[name].to(parameter.device, parameter.dtype)
-            built[name] = nn.Parameter(self.converter(masked.contiguous()), requires_grad=False)
-        if built and next(iter(built.values())).is_cuda:
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - start
-        self.instantiations += 1
-        return built
-
-    @torch.no_grad()
     def activate(self, masks: dict[str, torch.Tensor], key: bytes | None = None) -> None:
         """Make the modules compute W0 * masks; `key` (e.g. `sample_digest`) lets the compressed copy be reused."""
-        if self.compressed_layers is None:
-            self._decide(masks)
         built = self.cache.get(key) if key is not None else None
         if built is None:
             built = self._build(masks)
