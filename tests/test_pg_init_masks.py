@@ -94,22 +94,19 @@ def test_init_masks_errors_name_the_fix(calibration, tmp_path):
     wanda = prune(build_model("llama"), SparsityConfig(method="wanda", sparsity=0.5), calibration).masks
     channels = SparsityConfig(method="pg", pattern="channels", sparsity=0.3, init="uniform")
     callback = SparsityCallback(channels, init_masks=wanda)
-    callback.prepare(build_model("llama"))
     with pytest.raises(ValueError, match="do not remove whole channels"):
-        callback.initialise()
+        callback.prepare(build_model("llama"))
 
     unstructured = SparsityConfig(method="pg", pattern="unstructured", sparsity=0.5, init="uniform")
     partial = {name: mask for name, mask in wanda.items() if "mlp" in name}
     callback = SparsityCallback(unstructured, init_masks=partial)
-    callback.prepare(build_model("llama"))
     with pytest.raises(ValueError, match="no mask for .*self_attn"):
-        callback.initialise()
+        callback.prepare(build_model("llama"))
 
     nm = SparsityConfig(method="pg", pattern="2:4", init="uniform")
     callback = SparsityCallback(nm, init_masks=wanda)
-    callback.prepare(build_model("llama"))
     with pytest.raises(ValueError, match="not 2:4"):
-        callback.initialise()
+        callback.prepare(build_model("llama"))
 
     with pytest.raises(FileNotFoundError, match="sparsity_masks.safetensors"):
         SparsityCallback(unstructured, init_masks=tmp_path / "missing")

@@ -128,6 +128,8 @@ class SparsityCallback(TrainerCallback):
         config = self.config
         device = next(model.parameters()).device
         self.space = build_space(model, config)
+        if self.init_masks is not None:
+            self.space.keep_from_masks(self.init_masks)  # masks of another pattern fail here, not at train()
         estimator = ScoreFunctionEstimator.from_config(config)
         self.learner = StaleSubModelLearner(
             self.space,
