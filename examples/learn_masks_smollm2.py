@@ -9,6 +9,10 @@ model is sliced into a smaller dense one; perplexity is measured on WikiText-2 t
 
     python examples/learn_masks_smollm2.py [--steps 200] [--sparsity 0.3] [--output smollm2-channels]
 
+Start from a mask learned block by block (much better than the Wanda start; see docs/benchmarks.md):
+`--init-masks DIR` with DIR written by `optimum-sparse prune --method pg --sparsity 0.3 --set
+pattern=channels pg_objective=block samples_per_step=2 pg_block_lr=0.01 --output DIR`.
+
 Several processes: `accelerate launch --num_processes 2 examples/learn_masks_smollm2.py` (each rank
 samples its own sub-models, the score gradients are averaged). A run saved with `--save-steps` resumes
 exactly with `--resume`.
@@ -55,6 +59,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     parser.add_argument("--output", default=None, help="save the sliced model here (reload: load_sliced_model)")
+    parser.add_argument(
+        "--init-masks",
+        default=None,
+        help="start from the channel masks saved in this directory (e.g. by `optimum-sparse prune --method pg "
+        "--set pattern=channels pg_objective=block --output DIR`) instead of the Wanda metric's",
+    )
     return parser.parse_args()
 
 
@@ -78,7 +88,7 @@ def main() -> None:
         init="wanda",
         num_samples=32,
     )
-    callback = SparsityCallback(config)
+    callback = SparsityCallback(config, init_masks=args.init_masks)
     training = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.steps,
