@@ -98,6 +98,7 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
         samples_per_step=args.samples_per_step,
         init="wanda",
         init_temperature=args.init_temperature,
+        normalize_advantage=args.normalize_advantage or None,
         final_weight_update=None,  # applied below, after the learned mask alone is measured
         num_samples=32,
         seq_len=args.seq_len,
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace, sparsity: float, refresh_every: int, train_ids
         layer_sharing=args.layer_sharing,
         seed=args.seed,
         init_masks=args.init_masks,
+        normalize_advantage=args.normalize_advantage,
     )
     if not args.skip_baselines:
         record["ppl_magnitude"] = score_ppl(callback, magnitude, evaluate)
@@ -227,6 +229,9 @@ def main() -> None:
     parser.add_argument("--samples-per-step", type=int, default=1, help="2+: leave-one-out baseline per batch")
     parser.add_argument("--init-temperature", type=float, default=1.0, help="< 1: sharper Wanda initialisation")
     parser.add_argument("--final-weight-update", default=None, choices=[None, "admm"])
+    parser.add_argument(
+        "--normalize-advantage", action="store_true", help="divide the estimate by the advantages' running RMS"
+    )
     parser.add_argument(
         "--init-masks", default=None, help="start from these masks (a directory `optimum-sparse prune --output` wrote)"
     )
