@@ -24,6 +24,13 @@ def calibration(dataset) -> torch.Tensor:
     return dataset.ids[:8]
 
 
+def _probe(config: SparsityConfig) -> SparsityCallback:
+    """A callback prepared on a fresh tiny Llama (its space names the units)."""
+    callback = SparsityCallback(config)
+    callback.prepare(build_model("llama"))
+    return callback
+
+
 def _random_channel_mask(callback: SparsityCallback, seed: int) -> torch.Tensor:
     """A feasible channel keep-vector unrelated to the Wanda metric: the hard mask of random scores."""
     space = callback.space
@@ -51,13 +58,7 @@ def test_channel_scores_start_at_the_given_mask(init, calibration):
         assert float(scores[keep].std()) > 1e-3
 
 
-def _probe(config: SparsityConfig) -> SparsityCallback:
-    callback = SparsityCallback(config)
-    callback.prepare(build_model("llama"))
-    return callback
-
-
-def test_unstructured_and_2_4_scores_start_at_a_pruned_models_masks(calibration, tmp_path):
+def test_unstructured_and_2_4_scores_start_at_a_pruned_models_masks(calibration):
     for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
         wanda = SparsityConfig(method="wanda", sparsity=sparsity, pattern=None if sparsity else pattern)
         pruned = prune(build_model("llama"), wanda, calibration)
