@@ -8,8 +8,8 @@ from conftest import VOCAB_SIZE, build_model
 
 from optimum_sparse import SparsityConfig
 from optimum_sparse.masks import is_valid_nm
-from optimum_sparse.pg.masking import WeightMasker
-from optimum_sparse.pg.semi_structured import SemiStructuredMasker, sample_digest
+from optimum_sparse.pg.masking import WeightMasker, sample_digest
+from optimum_sparse.pg.semi_structured import SemiStructuredMasker
 from optimum_sparse.pg.weight_space import NMSpace
 
 CONFIG = SparsityConfig(method="pg", pattern="2:4", samples_per_step=2)

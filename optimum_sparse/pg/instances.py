@@ -6,7 +6,7 @@ channel mask is turned once into sliced copies of the projection layers (`slicin
 kept rows of q/k/v, gate/up, fc1, c_attn, c_fc and the kept columns of o_proj, down, fc2, c_proj),
 and activating the sample swaps those copies into the model (a few `setattr`s), so every forward on
 it runs the smaller matmuls. Deactivating swaps the dense layers back; the copies stay cached (the
-most recent `capacity` masks, keyed by the mask's bits), so re-activating a stale sample after an
+most recent `capacity` masks, keyed by `masking.sample_digest`), so re-activating a stale sample after an
 evaluation or a checkpoint save does not rebuild it.
 
 A group whose every unit is dropped cannot be sliced to width 0 (an attention module without heads
@@ -22,10 +22,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
+from optimum_sparse.pg.masking import sample_digest
 from optimum_sparse.pg.slicing import group_attributes, set_attributes, slice_units
 from optimum_sparse.pg.units import ChannelGroup
 
@@ -38,10 +38,6 @@ class SubModel:
 
     layers: list[list[nn.Module]]
     attributes: list[dict[str, int]]
-
-
-def _mask_key(keep: torch.Tensor) -> bytes:
-    return np.packbits(keep.numpy()).tobytes() + keep.numel().to_bytes(8, "little")
 
 
 class SlicedSubModels:
@@ -86,7 +82,7 @@ class SlicedSubModels:
     def activate(self, keep: torch.Tensor) -> None:
         """Swap in the sub-model of `keep`, building it first unless it is cached."""
         keep = keep.detach().reshape(-1).bool().cpu()
-        key = _mask_key(keep)
+        key = sample_digest(keep)
         sub_model = self.cache.get(key)
         if sub_model is None:
             start = time.perf_counter()

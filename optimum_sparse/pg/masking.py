@@ -12,6 +12,7 @@ dense model, `remove()` detaches for good.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,15 @@ from torch import nn
 
 from optimum_sparse.architecture import get_weight
 from optimum_sparse.pg.units import ChannelGroup
+
+
+def sample_digest(sample: torch.Tensor) -> bytes:
+    """A short key identifying one sampled mask (unit bits or N:M pattern indices), for sub-model caches."""
+    flat = sample.detach().reshape(-1)
+    if flat.dtype == torch.bool or (flat.numel() and 0 <= int(flat.min()) and int(flat.max()) < 256):
+        flat = flat.to(torch.uint8)  # pattern indices of 2:4 groups (< 6) or bits: 8x less to copy and hash
+    data = flat.cpu().contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).digest() + flat.numel().to_bytes(8, "little")
 
 
 class ChannelMasker:

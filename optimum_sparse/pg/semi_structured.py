@@ -17,7 +17,6 @@ sub-model computes the same function either way.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -26,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from optimum_sparse.architecture import get_weight
+from optimum_sparse.pg.masking import WeightMasker
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +35,6 @@ Converter = Callable[[torch.Tensor], torch.Tensor]
 def default_converter() -> Converter | None:
     """torch's 2:4 compressor, or None when this torch has none."""
     return getattr(torch.sparse, "to_sparse_semi_structured", None)
-
-
-def sample_digest(sample: torch.Tensor) -> bytes:
-    """A short key identifying one sampled mask (pattern indices or bits), for the cache."""
-    flat = sample.detach().reshape(-1)
-    if flat.dtype == torch.bool or (flat.numel() and 0 <= int(flat.min()) and int(flat.max()) < 256):
-        flat = flat.to(torch.uint8)  # pattern indices of 2:4 groups (< 6) or bits: 8x less to copy and hash
-    data = flat.cpu().contiguous().numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=16).digest() + flat.numel().to_bytes(8, "little")
 
 
 class SemiStructuredMasker:
@@ -57,7 +47,8 @@ class SemiStructuredMasker:
             by default (tests pass their own to check the swapping on CPU).
 
     `instantiations` counts the compressed sub-models built, `seconds` the time spent building them,
-    `compressed_layers` / `masked_layers` name the layers of each kind once decided.
+    `compressed_layers` / `masked_layers` name the layers of each kind once decided; the latter are
+    masked in place by a `WeightMasker`.
     """
 
     def __init__(self, modules: dict[str, nn.Module], capacity: int = 1, converter: Converter | None = None):
@@ -65,7 +56,7 @@ class SemiStructuredMasker:
         self.capacity = max(1, int(capacity))
         self.converter = converter if converter is not None else default_converter()
         self.parameters = {name: module.weight for name, module in modules.items()}  # the dense parameters
-        self.dense_copies: dict[str, torch.Tensor] = {}  # W0 of the layers masked in place
+        self.in_place = WeightMasker({})  # the layers torch refuses to compress, once known
         self.compressed_layers: list[str] | None = None
         self.masked_layers: list[str] = []
         self.cache: OrderedDict[bytes, dict[str, nn.Parameter]] = OrderedDict()
@@ -81,11 +72,9 @@ class SemiStructuredMasker:
         built, refused = {}, {}
         for name in self.parameters if deciding else self.compressed_layers:
             module, parameter = self.modules[name], self.parameters[name]
-            if self.converter is None:
-                refused[name] = "this torch has no torch.sparse.to_sparse_semi_structured"
-                continue
-            if type(module) is not nn.Linear:  # Conv1D keeps (in, out) weights: 2:4 would run along outputs
-                refused[name] = f"{type(module).__name__} is not an nn.Linear"
+            reason = self._refusal(module)
+            if reason is not None:
+                refused[name] = reason
                 continue
             masked = (parameter.detach() * masks[name].to(parameter.device, parameter.dtype)).contiguous()
             try:
@@ -103,10 +92,17 @@ class SemiStructuredMasker:
             self.instantiations += 1
         return built
 
+    def _refusal(self, module: nn.Module) -> str | None:
+        """Why `module` is masked in place without even trying to compress it (None: try)."""
+        if self.converter is None:
+            return "this torch has no torch.sparse.to_sparse_semi_structured"
+        if type(module) is not nn.Linear:  # Conv1D keeps (in, out) weights: 2:4 would run along outputs
+            return f"{type(module).__name__} is not an nn.Linear"
+        return None
+
     def _record_decision(self, compressed: list[str], refused: dict[str, str]) -> None:
-        """The refused layers are masked in place from now on (their dense weights copied aside)."""
-        for name in refused:
-            self.dense_copies[name] = get_weight(self.modules[name]).detach().clone()
+        """The refused layers are masked in place from now on (a `WeightMasker` keeps their dense weights)."""
+        self.in_place = WeightMasker({name: self.modules[name] for name in refused})
         self.compressed_layers, self.masked_layers = compressed, list(refused)
         if refused:
             logger.info(
@@ -133,8 +129,7 @@ class SemiStructuredMasker:
             self.cache.move_to_end(key)
         for name, parameter in built.items():
             self.modules[name].weight = parameter
-        for name, dense in self.dense_copies.items():
-            get_weight(self.modules[name]).copy_(dense * masks[name].to(dense.device, dense.dtype))
+        self.in_place.activate(masks)
         self.is_active = True
 
     @torch.no_grad()
@@ -144,13 +139,11 @@ class SemiStructuredMasker:
             return
         for name, parameter in self.parameters.items():
             self.modules[name].weight = parameter
-        for name, dense in self.dense_copies.items():
-            get_weight(self.modules[name]).copy_(dense)
+        self.in_place.deactivate()
         self.is_active = False
 
     def remove(self) -> None:
         """Dense parameters back in the modules; the cache and the dense copies forgotten."""
         self.deactivate()
         self.cache.clear()
-        self.dense_copies.clear()
-        self.is_active = False
+        self.in_place.remove()

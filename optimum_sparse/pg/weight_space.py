@@ -16,9 +16,9 @@ from optimum_sparse.architecture import PrunableLayer, find_prunable_layers, get
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.masks import num_pruned, topk_mask
 from optimum_sparse.pg.distributions import BernoulliMasks, NMCategorical
-from optimum_sparse.pg.masking import WeightMasker
+from optimum_sparse.pg.masking import WeightMasker, sample_digest
 from optimum_sparse.pg.projection import project_to_budget, sigmoid_to_budget, zscore
-from optimum_sparse.pg.semi_structured import SemiStructuredMasker, sample_digest
+from optimum_sparse.pg.semi_structured import SemiStructuredMasker
 from optimum_sparse.pg.space import MaskSpace
 
 
