@@ -2,16 +2,16 @@
 
 `BlockInputs` holds the calibration activations entering a block and the extra call arguments
 (attention mask, rotary tables, ...) recorded from the model's own forward pass. `BlockContext` is
-handed to block-level solvers (those defining `prune_block`, e.g. SparseLLM, which prunes an MLP's
-layers jointly): it runs the block, collects statistics, captures activations, prunes single layers
-with a per-layer solver and writes results back, recording masks in the run's `PruningResult`.
+what the engine hands to every solver's `prune_block` (the `BlockView` the solvers are written
+against): it runs the block, collects statistics, captures activations, prunes single layers with a
+per-layer solver and writes results back, recording masks in the run's `PruningResult`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,10 +19,27 @@ from torch import nn
 from optimum_sparse.architecture import PrunableLayer, get_weight
 from optimum_sparse.solvers import LayerResult, LayerStatistics, Solver
 
-if TYPE_CHECKING:
-    from optimum_sparse.sequential import PruningResult
-
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruningResult:
+    """What a pruning run did: the masks (bool, (out, in), on CPU), per-layer sparsity, time taken."""
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    #: relative reconstruction error ||X(W - W')^T||^2 / ||X W^T||^2 per layer (Hessian methods)
+    layer_errors: dict[str, float] = field(default_factory=dict)
+    #: reports that block-level solvers return from `prune_block` (pg's block objective, SparseLLM), by block
+    block_reports: dict[int, object] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all pruned layers."""
+        total = sum(m.numel() for m in self.masks.values())
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        return 1.0 - kept / max(total, 1)
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -265,12 +282,13 @@ def _write(
 
 @dataclass
 class BlockContext:
-    """One block being pruned: what a block-level solver (`Solver.prune_block`) works with."""
+    """One block being pruned: what every solver's `prune_block` works with (see `solvers.base.BlockView`)."""
 
     block: nn.Module
     index: int
     layers: list[PrunableLayer]
-    inputs: BlockInputs
+    #: the calibration activations; None for methods that need no data (each layer is then its own group)
+    inputs: BlockInputs | None
     device: torch.device
     with_hessian: bool
     result: PruningResult
@@ -279,13 +297,20 @@ class BlockContext:
     model_config: object | None = None
     #: the block's full module name (e.g. "model.layers.3"), for solvers that name its modules
     name: str = ""
+    #: {layer name: keep-mask} in weight-update-only mode: listed layers are refitted, the others left alone
+    fixed_masks: dict[str, torch.Tensor] | None = None
 
     def groups(self, layers: list[PrunableLayer] | None = None) -> list[list[PrunableLayer]]:
         """Layers grouped by shared input tensor (q/k/v; gate/up), in call order."""
-        return [g for g in input_groups(self.block, self.layers if layers is None else layers, self.inputs) if g]
+        layers = self.layers if layers is None else layers
+        if self.inputs is None:
+            return [[layer] for layer in layers]
+        return [g for g in input_groups(self.block, layers, self.inputs) if g]
 
-    def statistics(self, groups: list[list[PrunableLayer]]) -> dict[str, LayerStatistics]:
+    def statistics(self, groups: list[list[PrunableLayer]]) -> dict[str, LayerStatistics | None]:
         """One calibration pass of the block (current weights) accumulating statistics for `groups`."""
+        if self.inputs is None:
+            return {layer.name: None for group in groups for layer in group}
         return collect_statistics(self.block, groups, self.inputs, self.with_hessian, self.device)
 
     @property
@@ -337,8 +362,12 @@ class BlockContext:
         return {name: tuple(torch.cat(t) if t else None for t in pair) for name, pair in seen.items()}
 
     def prune_layer(self, layer: PrunableLayer, stats: LayerStatistics | None, solver: Solver) -> LayerResult:
-        """Prune one layer with a per-layer `solver` (then the run's weight update, if any) and record it."""
-        return prune_and_write(layer, stats, solver, self.refit, None, self.device, self.result)
+        """Prune one layer with a per-layer `solver` (then the run's weight update, if any) and record it.
+
+        On fixed masks the layer's given mask is refitted instead (by the weight update, else `solver`).
+        """
+        mask = self.fixed_masks.get(layer.name) if self.fixed_masks is not None else None
+        return prune_and_write(layer, stats, solver, self.refit, mask, self.device, self.result)
 
     def write(self, layer: PrunableLayer, outcome: LayerResult, stats: LayerStatistics | None = None) -> None:
         """Write weights a block-level solver computed itself, checking them and recording the mask."""

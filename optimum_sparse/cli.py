@@ -7,7 +7,6 @@ pass; `--output` is written to a temporary directory and renamed into place only
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -118,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _field_settings(items: list[str]) -> dict[str, Any]:
     """--set FIELD=VALUE pairs as a dict: VALUE read as JSON, else as a float (inf), else kept as a string."""
-    known = {f.name for f in dataclasses.fields(SparsityConfig)}
+    known = SparsityConfig.field_names()
     settings: dict[str, Any] = {}
     for item in items:
         name, sep, raw = item.partition("=")
@@ -137,8 +136,12 @@ def _field_settings(items: list[str]) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> SparsityConfig:
-    """Merge a --config file (if any) with the flags given; flags win."""
-    base = SparsityConfig.from_pretrained(args.config).to_dict() if args.config else {"method": "sparsegpt"}
+    """Merge a --config file (if any) with the flags given; flags win.
+
+    Settings the file holds for a method the flags replace are dropped; a flag or --set naming a
+    setting of a method the run does not use is an error (it was asked for explicitly).
+    """
+    base = SparsityConfig.from_pretrained(args.config) if args.config else SparsityConfig(method="sparsegpt")
     overrides = {
         "method": args.method,
         "num_samples": args.num_samples,
@@ -154,12 +157,10 @@ def config_from_args(args: argparse.Namespace) -> SparsityConfig:
     }
     if args.sequential_update:
         overrides["sequential_update"] = True
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    base.pop("sparsity", None)
-    base.pop("pattern", None)
-    base.update(args.sparsity)
-    base.update(_field_settings(args.set))  # last: `--set pattern=channels` keeps --sparsity's fraction
-    return SparsityConfig.from_dict(base)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    changes.update({"sparsity": None, "pattern": None, **args.sparsity})
+    changes.update(_field_settings(args.set))  # last: `--set pattern=channels` keeps --sparsity's fraction
+    return base.replace(**changes)
 
 
 def _check_inputs(args: argparse.Namespace) -> None:

@@ -7,8 +7,6 @@ only the solver's `refit_layer` is called instead of `prune_layer`.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
@@ -48,7 +46,7 @@ def refit_weights(
         config: calibration and solver settings (method is replaced by `method`).
     """
     base = config or SparsityConfig(method=method)
-    config = dataclasses.replace(base, method=method, weight_update=None)
+    config = base.replace(method=method, weight_update=None)
     if masks is None:
         masks = masks_from_zeros(model, config)
     return prune(model, config, calibration, tokenizer, fixed_masks=masks, show_progress=show_progress)

@@ -18,61 +18,26 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from optimum_sparse.architecture import find_blocks, find_prunable_layers
-from optimum_sparse.blocks import BlockContext, BlockInputs, capture_block_inputs, prune_and_write
+from optimum_sparse.blocks import BlockContext, BlockInputs, PruningResult, capture_block_inputs
 from optimum_sparse.calibration import CalibrationSource, get_calibration_data
 from optimum_sparse.config import SparsityConfig
-from optimum_sparse.solvers import Solver, get_solver_class
+from optimum_sparse.solvers import get_solver_class
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class PruningResult:
-    """What a pruning run did: the masks (bool, (out, in), on CPU), per-layer sparsity, time taken."""
-
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    layer_sparsity: dict[str, float] = field(default_factory=dict)
-    #: relative reconstruction error ||X(W - W')^T||^2 / ||X W^T||^2 per layer (Hessian methods)
-    layer_errors: dict[str, float] = field(default_factory=dict)
-    #: per-block reports of block-level solvers (pg's block objective, SparseLLM), by block index
-    block_reports: dict[int, object] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of zeros over all pruned layers."""
-        total = sum(m.numel() for m in self.masks.values())
-        kept = sum(int(m.sum()) for m in self.masks.values())
-        return 1.0 - kept / max(total, 1)
+__all__ = ["PruningResult", "prune", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _prune_block_layerwise(
-    context: BlockContext, solver: Solver, sequential_update: bool, fixed_masks: dict[str, torch.Tensor] | None
-) -> None:
-    """The default: one statistics pass, then each target layer pruned (or refitted) on its own."""
-    groups = context.groups()
-    # sequential_update: calibrate each group after the groups before it are pruned
-    passes = [[group] for group in groups] if sequential_update else [groups]
-    for pass_groups in passes:
-        stats = context.statistics(pass_groups)
-        for layer in (layer for group in pass_groups for layer in group):
-            mask = fixed_masks.get(layer.name) if fixed_masks is not None else None
-            if fixed_masks is not None and mask is None:
-                continue
-            prune_and_write(layer, stats.pop(layer.name), solver, context.refit, mask, context.device, context.result)
 
 
 def prune(
@@ -116,16 +81,10 @@ def prune(
     was_training = model.training
     model.eval()
     try:
-        if not needs_data:
-            for index in tqdm(range(len(blocks)), desc=desc, disable=not show_progress):
-                for layer in per_block[index]:
-                    prune_and_write(layer, None, solver, None, None, device, result)
-                if on_block_done:
-                    on_block_done(index)
-            return result
-        if isinstance(calibration, BlockInputs):
+        inputs: BlockInputs | None = None
+        if isinstance(calibration, BlockInputs) and needs_data:
             inputs = calibration
-        else:
+        elif needs_data:
             windows = get_calibration_data(
                 calibration, tokenizer, model, config.num_samples, config.seq_len, config.seed
             )
@@ -134,8 +93,9 @@ def prune(
         for index in tqdm(range(len(blocks)), desc=desc, disable=not show_progress):
             block = blocks[index]
             home = next(block.parameters()).device
-            block.to(device)
-            inputs.use_block(index)
+            if inputs is not None:  # without calibration (magnitude) weights are copied layer by layer
+                block.to(device)
+                inputs.use_block(index)
             context = BlockContext(
                 block,
                 index,
@@ -147,14 +107,15 @@ def prune(
                 refit,
                 model_config,
                 name=f"{blocks_name}.{index}",
+                fixed_masks=fixed_masks,
             )
-            if fixed_masks is None and hasattr(solver, "prune_block"):
-                solver.prune_block(context)  # block-level method (e.g. SparseLLM's joint MLP pruning)
-            else:
-                _prune_block_layerwise(context, solver, config.sequential_update, fixed_masks)
-            with torch.no_grad():
-                inputs.hidden = inputs.run_windows(block)
-            block.to(home)
+            report = solver.prune_block(context)
+            if report is not None:
+                result.block_reports[index] = report
+            if inputs is not None:
+                with torch.no_grad():
+                    inputs.hidden = inputs.run_windows(block)
+                block.to(home)
             if on_block_done:
                 on_block_done(index)
         return result

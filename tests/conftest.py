@@ -30,6 +30,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from optimum_sparse.config import SparsityConfig
+from optimum_sparse.registry import methods_used, option_owners
+
 VOCAB_SIZE = 64
 HIDDEN = 32
 INTERMEDIATE = 64
@@ -37,6 +40,17 @@ SEQ_LEN = 32  # calibration window of the unit tests
 SLIDING_WINDOW = 8  # < SEQ_LEN: the Gemma model's sliding and global layers really differ
 
 ARCHITECTURES = ("llama", "opt", "gpt2", "qwen2", "gemma")
+
+
+def method_config(method: str, **kwargs) -> SparsityConfig:
+    """A config for `method` from settings meant for several methods: those it does not use are left out.
+
+    Tests loop over methods with one set of arguments (e.g. SparseGPT's block_size); SparsityConfig
+    itself refuses a setting of a method the run does not use.
+    """
+    owners = option_owners()
+    used = set(methods_used(method, kwargs.get("weight_update"), {k: v for k, v in kwargs.items() if k in owners}))
+    return SparsityConfig(method=method, **{k: v for k, v in kwargs.items() if k not in owners or used & set(owners[k])})
 
 # Tiny matmuls are dominated by thread synchronisation on a shared 2-core machine (8 ms per 32x32 linear
 # with 2 threads, 13 us with 1): one thread makes the suite an order of magnitude faster.

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import SEQ_LEN, build_model
+from conftest import SEQ_LEN, build_model, method_config
 
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.masks import is_valid_nm, num_pruned
@@ -36,7 +36,7 @@ def _output_error(x: torch.Tensor, weight: torch.Tensor, pruned: torch.Tensor) -
 
 
 def _prune(method: str, weight: torch.Tensor, stats: LayerStatistics, **kwargs):
-    config = SparsityConfig(method=method, block_size=32, **kwargs)
+    config = method_config(method, block_size=32, **kwargs)
     return get_solver_class(method)(config).prune_layer(weight.clone(), stats)
 
 

@@ -30,8 +30,8 @@ def _custom_config() -> SparsityConfig:
         num_samples=16,
         seq_len=256,
         seed=3,
+        weight_update="admm",
         dampening=0.05,
-        block_size=64,
         sequential_update=True,
         device="cpu",
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, SEQ_LEN, build_model
+from conftest import ARCHITECTURES, SEQ_LEN, build_model, method_config
 
 from optimum_sparse.architecture import get_weight, is_transposed
 from optimum_sparse.config import SparsityConfig
@@ -17,7 +17,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 def _config(method: str, **kwargs) -> SparsityConfig:
     # block_size 16 < every input width: SparseGPT works on several column blocks per layer
-    return SparsityConfig(method=method, num_samples=4, seq_len=SEQ_LEN, block_size=16, device="cpu", **kwargs)
+    return method_config(method, num_samples=4, seq_len=SEQ_LEN, block_size=16, device="cpu", **kwargs)
 
 
 def _assert_weights_follow_masks(model, result) -> None:
@@ -111,7 +111,7 @@ def _layer_errors(pattern: str | None, sparsity: float | None, seed: int) -> dic
         stats.update(chunk)
     errors = {}
     for method in METHODS:
-        config = SparsityConfig(method=method, sparsity=sparsity, pattern=pattern, block_size=16)
+        config = method_config(method, sparsity=sparsity, pattern=pattern, block_size=16)
         outcome = get_solver_class(method)(config).prune_layer(weight.clone(), stats)
         assert torch.all(outcome.weight[~outcome.mask] == 0)
         errors[method] = float((x @ weight.T - x @ outcome.weight.T).pow(2).sum())

@@ -22,7 +22,6 @@ docs/mask_learning.md for what each setting does.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import math
@@ -307,9 +306,9 @@ class SparsityCallback(TrainerCallback):
 
         # per linear layer, a channel mask is a mask with whole rows / columns removed
         if self.config.pattern == "channels":
-            config = dataclasses.replace(self.config, method="admm", pattern=None, targets=None, ignore=[])
+            config = self.config.replace(method="admm", pattern=None, targets=None, ignore=[])
         else:
-            config = dataclasses.replace(self.config, method="admm")
+            config = self.config.replace(method="admm")
         config.num_samples, config.seq_len = (int(n) for n in self.calibration.shape)
         refit_weights(self.model, self.calibration, masks=masks, config=config, show_progress=False)
         logger.info("refitted the kept weights by ADMM on %d calibration sequences", self.calibration.shape[0])

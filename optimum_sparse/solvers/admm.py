@@ -37,8 +37,9 @@ import torch
 
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.masks import nm_mask, num_pruned, topk_mask
-from optimum_sparse.solvers import register_solver
-from optimum_sparse.solvers.base import LayerResult, LayerStatistics, Solver
+from optimum_sparse.options import Option, boolean, non_negative_int, one_of, optional_positive, positive_int
+from optimum_sparse.registry import register_solver
+from optimum_sparse.solvers.base import DAMPENING, LayerResult, LayerStatistics, Solver
 
 logger = logging.getLogger(__name__)
 
@@ -340,13 +341,56 @@ def _run_admm(
 class AdmmSolver(Solver):
     """ADMM pruning with gradual mask selection (Boža 2024, arXiv 2401.02938).
 
-    Reads: sparsity / pattern, mask_scope (default "row"), dampening, gradual, mask_init,
-    admm_iterations, admm_gradual_steps, admm_rho, admm_cg_steps. `refit_layer` is the
-    weight-update-only mode used by `weight_update="admm"`. See docs/admm.md.
+    Reads: sparsity / pattern, mask_scope (default "row") and the `options` below. `refit_layer` is
+    the weight-update-only mode used by `weight_update="admm"`. See docs/admm.md.
     """
 
     requires_hessian = True
+    can_refit = True
     default_scope = "row"
+    options = (
+        DAMPENING,
+        Option(
+            "admm_iterations",
+            20,
+            "ADMM iterations per layer, the gradual ones included; each costs one (out x in) @ (in x in) product",
+            positive_int(),
+        ),
+        Option(
+            "admm_rho",
+            None,
+            "ADMM penalty in units of the normalised Hessian's diagonal (1); None: 1.0 (0.25 inside SparseLLM)",
+            optional_positive(""),
+        ),
+        Option(
+            "admm_gradual_steps",
+            15,
+            "iterations over which the mask grows to the target sparsity on a cubic schedule (with gradual)",
+            positive_int(),
+        ),
+        Option(
+            "admm_cg_steps",
+            2,
+            "conjugate-gradient steps on the final support after ADMM (0 turns the polish off)",
+            non_negative_int("0: no CG polish"),
+        ),
+        Option("gradual", True, "re-choose the mask while the sparsity grows (else it is chosen once)", boolean()),
+        Option(
+            "mask_init",
+            "magnitude",
+            "first scores: 'magnitude' (|W| after input normalisation) or 'wanda'",
+            one_of(("magnitude", "wanda")),
+        ),
+    )
+
+    @classmethod
+    def check_settings(cls, config: SparsityConfig) -> None:
+        if config.gradual and config.admm_gradual_steps > config.admm_iterations:
+            raise ValueError(
+                f"admm_gradual_steps={config.admm_gradual_steps} exceeds "
+                f"admm_iterations={config.admm_iterations}: the mask must reach the target sparsity within "
+                "the ADMM iterations; lower one or raise the other"
+            )
     #: the reference implementation's settings; with 16k calibration tokens the stronger ridge towards
     #: the dense weights generalises better than 0.01 (SmolLM2 50%: perplexity 28.48 vs 29.81)
     default_dampening = DEFAULT_DAMPENING

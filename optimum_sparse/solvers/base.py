@@ -1,25 +1,38 @@
 """The contract every pruning method fulfils, and the statistics it is given.
 
-A solver sees one linear layer at a time: its weight in (out_features, in_features) layout as
-float32, and `LayerStatistics` accumulated from the calibration inputs that reached that layer.
-It returns the new weight (zeros outside the mask) and the keep-mask. The sequential engine does
-everything else (finding layers, running calibration, writing weights back), so a new method is one
-file: subclass `Solver`, set the class flags, implement `prune_layer`, decorate with
-`@register_solver("name")`.
+The engine hands a solver one decoder block at a time through `prune_block(context)`. The default
+walks the block's linear layers: each is given as its weight in (out_features, in_features) layout
+(float32) with the `LayerStatistics` of the calibration inputs that reached it, and `prune_layer`
+returns the new weight (zeros outside the mask) and the keep-mask. Methods that prune several layers
+jointly (SparseLLM's MLP, pg's block objective) override `prune_block` and may return a report, which
+the engine records in `PruningResult.block_reports`.
 
-Methods that prune several layers of a block jointly (SparseLLM) also define
-`prune_block(context: optimum_sparse.blocks.BlockContext) -> None`; the engine then hands them the
-whole block (its layers, calibration inputs, helpers to capture activations and write weights).
+So a new method is one file: subclass `Solver`, declare its capabilities (class flags) and settings
+(`options`), implement `prune_layer` (or `prune_block`), decorate with `@register_solver("name")`.
+See docs/adding_a_method.md.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import torch
+from torch import nn
 
+from optimum_sparse.architecture import PrunableLayer
 from optimum_sparse.config import SparsityConfig
+from optimum_sparse.options import Option, optional_positive
+
+#: the Hessian dampening setting, shared by the methods that invert H (same name, same meaning)
+DAMPENING = Option(
+    "dampening",
+    None,
+    "fraction of mean(diag(H)) added to the Hessian diagonal; None: the method's own default",
+    optional_positive(" (fraction of mean diag(H))"),
+)
 
 
 class LayerStatistics:
@@ -65,10 +78,36 @@ class LayerResult:
     mask: torch.Tensor  # bool, (out, in), True = kept
 
 
+class BlockView(Protocol):
+    """What a solver sees of the block being pruned (the engine's `BlockContext` provides it)."""
+
+    block: nn.Module
+    index: int
+    layers: list[PrunableLayer]
+    device: torch.device
+    #: {layer name: keep-mask} in weight-update-only mode (`refit_weights`), else None
+    fixed_masks: dict[str, torch.Tensor] | None
+
+    def groups(self, layers: list[PrunableLayer] | None = None) -> list[list[PrunableLayer]]:
+        """Layers grouped by shared input tensor (q/k/v; gate/up), in call order."""
+
+    def statistics(self, groups: list[list[PrunableLayer]]) -> dict[str, LayerStatistics]:
+        """One calibration pass of the block, accumulating the statistics of `groups`."""
+
+    def prune_layer(self, layer: PrunableLayer, stats: LayerStatistics | None, solver: Solver) -> LayerResult:
+        """Prune (or, on a fixed mask, refit) one layer with `solver`, then the run's weight update; record it."""
+
+
 class Solver(ABC):
     """Base class of pruning methods; see the module docstring."""
 
     name: str = ""
+    #: the settings this method reads from `SparsityConfig` (checked and defaulted by the config)
+    options: ClassVar[tuple[Option, ...]] = ()
+    #: the patterns it prunes: "unstructured", "n:m", and "channels" for whole MLP channels / KV groups
+    patterns: ClassVar[tuple[str, ...]] = ("unstructured", "n:m")
+    #: offers `refit_layer` as a weight update after any method's masks (`weight_update=<name>`)
+    can_refit: ClassVar[bool] = False
     #: needs calibration inputs at all (magnitude does not: no forward pass is run for it)
     requires_calibration: bool = True
     #: needs H = X^T X (else only the column norms are accumulated)
@@ -81,6 +120,16 @@ class Solver(ABC):
     def __init__(self, config: SparsityConfig):
         self.config = config
 
+    @classmethod
+    def uses(cls, settings: dict[str, Any]) -> Sequence[str]:
+        """Other registered methods this one calls with these settings (e.g. an inner solver)."""
+        return ()
+
+    @classmethod
+    def check_settings(cls, config: SparsityConfig) -> None:
+        """Checks across settings, or between settings and the common fields (raise ValueError)."""
+        return None
+
     @property
     def scope(self) -> str:
         return self.config.mask_scope or self.default_scope
@@ -89,6 +138,32 @@ class Solver(ABC):
     def dampening(self) -> float:
         """The config's `dampening`, or this method's default when it is None."""
         return self.config.dampening if self.config.dampening is not None else self.default_dampening
+
+    def prune_block(self, context: BlockView) -> Any:
+        """Prune one block; the engine calls this for every block. Returns a report or None.
+
+        The default prunes the block's layers one by one (`prune_groups`). On fixed masks
+        (`context.fixed_masks`) every method refits layer by layer, so overrides start with
+        `if context.fixed_masks is not None: return super().prune_block(context)`.
+        """
+        self.prune_groups(context, context.groups())
+        return None
+
+    def prune_groups(self, context: BlockView, groups: list[list[PrunableLayer]], solver: Solver | None = None) -> None:
+        """Collect statistics and prune each layer of `groups` with `solver` (default: this one).
+
+        With `sequential_update` each input group is calibrated after the groups before it are pruned,
+        so later sub-layers see the pruned outputs of earlier ones; otherwise one pass serves all.
+        """
+        fixed = context.fixed_masks
+        if fixed is not None:
+            groups = [[layer for layer in group if layer.name in fixed] for group in groups]
+        groups = [group for group in groups if group]
+        passes = [[group] for group in groups] if self.config.sequential_update else [groups]
+        for pass_groups in (p for p in passes if p):
+            stats = context.statistics(pass_groups)
+            for layer in (layer for group in pass_groups for layer in group):
+                context.prune_layer(layer, stats.pop(layer.name), solver or self)
 
     @abstractmethod
     def prune_layer(self, weight: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:

@@ -14,8 +14,9 @@ import logging
 import torch
 
 from optimum_sparse.masks import nm_mask, num_pruned, topk_mask
-from optimum_sparse.solvers import register_solver
-from optimum_sparse.solvers.base import LayerResult, LayerStatistics, Solver, dampened_hessian
+from optimum_sparse.options import Option, positive_int
+from optimum_sparse.registry import register_solver
+from optimum_sparse.solvers.base import DAMPENING, LayerResult, LayerStatistics, Solver, dampened_hessian
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,10 @@ def inverse_cholesky_upper(hessian: torch.Tensor, weight: torch.Tensor, dampenin
 class SparseGPTSolver(Solver):
     requires_hessian = True
     default_scope = "layer"  # the mask is chosen over each whole column block, all rows together
+    options = (
+        DAMPENING,
+        Option("block_size", 128, "column block width of the lazy updates (rounded down to a multiple of M)", positive_int()),
+    )
 
     def prune_layer(self, weight: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
         assert stats is not None and stats.hessian is not None, "sparsegpt needs the input Hessian"

@@ -44,19 +44,20 @@ with the inner solver. See docs/sparsellm.md for the hyperparameters, memory and
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from optimum_sparse.architecture import PrunableLayer, get_weight
-from optimum_sparse.solvers import get_solver_class, register_solver
-from optimum_sparse.solvers.base import LayerResult, LayerStatistics, Solver
+from optimum_sparse.options import Option, finite_positive, one_of, positive_int
+from optimum_sparse.registry import get_solver_class, register_solver
+from optimum_sparse.solvers.base import DAMPENING, LayerResult, LayerStatistics, Solver
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ PruneFn = Callable[[torch.Tensor, LayerStatistics], LayerResult]
 
 #: (alpha, beta, gamma) of `solve_mlp` when none are given: the SparsityConfig defaults, see docs/sparsellm.md
 DEFAULT_WEIGHTS = (1.0, 100.0, 10.0)
+#: per-layer solvers SparseLLM may use for the attention projections and inside its MLP updates
+INNER_SOLVERS = ("admm", "sparsegpt")
 #: ADMM penalty of the inner solver when `admm_rho` is None (the setting SparseLLM was measured with)
 SPARSELLM_ADMM_RHO = 0.25
 #: tokens per chunk of the elementwise / closed-form updates (bounds the temporaries)
@@ -649,24 +652,59 @@ class SparseLLMSolver(Solver):
     """SparseLLM (Bai et al. 2024, arXiv 2402.17946): each block's MLP pruned jointly, the rest by the
     inner solver.
 
-    Reads: sparsity / pattern, mask_scope, sparsellm_iterations, alpha, beta, gamma, inner_solver,
-    sparsellm_max_memory_gb, dampening, and the inner solver's own settings. Per-layer calls
-    (`prune_layer`, `refit_layer`, used when the engine works layer by layer, e.g. on fixed masks)
-    are the inner solver's. After a run, `reports` holds each block's MLP errors and objective.
+    Reads: sparsity / pattern, mask_scope, the `options` below and the inner solver's own settings.
+    Per-layer calls (`prune_layer`, `refit_layer`, used on fixed masks) are the inner solver's.
+    `prune_block` returns each block's `MlpReport` (MLP errors and objective), which the engine keeps
+    in `PruningResult.block_reports`.
     """
 
     requires_hessian = True
+    options = (
+        DAMPENING,
+        Option("sparsellm_iterations", 4, "alternating rounds of the joint MLP pruning", positive_int()),
+        Option(
+            "alpha",
+            1.0,
+            "weight of alpha ||W1 X - z||^2 (first layer), relative to its dense mean square",
+            finite_positive("a finite number > 0 (a SparseLLM objective weight)"),
+        ),
+        Option(
+            "beta",
+            100.0,
+            "weight of beta ||W2 p - Y||^2 (output), relative to its dense mean square",
+            finite_positive("a finite number > 0 (a SparseLLM objective weight)"),
+        ),
+        Option(
+            "gamma",
+            10.0,
+            "weight of gamma ||p - act(z)||^2 (activation), relative to its dense mean square",
+            finite_positive("a finite number > 0 (a SparseLLM objective weight)"),
+        ),
+        Option(
+            "inner_solver",
+            "admm",
+            "per-layer solver for attention and inside the MLP updates: 'admm' or 'sparsegpt'",
+            one_of(INNER_SOLVERS),
+        ),
+        Option(
+            "sparsellm_max_memory_gb",
+            16.0,
+            "refuse, before allocating, a block whose auxiliary variables would need more GiB than this",
+            finite_positive("a finite number of GiB > 0"),
+        ),
+    )
+
+    @classmethod
+    def uses(cls, settings: dict[str, Any]) -> Sequence[str]:
+        return (settings["inner_solver"],)
 
     def __init__(self, config):
         super().__init__(config)
         # the inner solver runs with the settings SparseLLM was tuned with (docs/sparsellm.md), unless set
-        inner = dataclasses.replace(
-            config,
-            dampening=self.dampening,
-            admm_rho=config.admm_rho if config.admm_rho is not None else SPARSELLM_ADMM_RHO,
-        )
-        self.inner: Solver = get_solver_class(config.inner_solver)(inner)
-        self.reports: dict[int, MlpReport] = {}
+        changes: dict[str, Any] = {"dampening": self.dampening}
+        if "admm_rho" in config.settings:
+            changes["admm_rho"] = config.admm_rho if config.admm_rho is not None else SPARSELLM_ADMM_RHO
+        self.inner: Solver = get_solver_class(config.inner_solver)(config.replace(**changes))
 
     @property
     def scope(self) -> str:
@@ -679,21 +717,18 @@ class SparseLLMSolver(Solver):
         return self.inner.refit_layer(weight, mask, stats)
 
     # ------------------------------------------------------------------ block level
-    def prune_block(self, context) -> None:
+    def prune_block(self, context) -> MlpReport | None:
         """Prune `context.block`: non-MLP layers with the inner solver, then the MLP jointly."""
+        if context.fixed_masks is not None:
+            return super().prune_block(context)
         groups = context.groups()
         mlp = self._detect(context, groups)
         if mlp is not None:
             self._check_memory(context, mlp)
         names = {layer.name for layer in mlp.layers} if mlp is not None else set()
         others = [group for group in groups if not any(layer.name in names for layer in group)]
-        passes = [[group] for group in others] if self.config.sequential_update else [others]
-        for pass_groups in (p for p in passes if p):
-            stats = context.statistics(pass_groups)
-            for layer in (layer for group in pass_groups for layer in group):
-                context.prune_layer(layer, stats.pop(layer.name), self.inner)
-        if mlp is not None:
-            self._prune_mlp(context, mlp)
+        self.prune_groups(context, others, self.inner)
+        return self._prune_mlp(context, mlp) if mlp is not None else None
 
     def _detect(self, context, groups: list[list[PrunableLayer]]) -> _Mlp | None:
         """Find the block's MLP and check, on one calibration window, that it computes what we assume."""
@@ -750,7 +785,7 @@ class SparseLLMSolver(Solver):
                 f"seq_len (now {cfg.num_samples} x {cfg.seq_len}) or raise sparsellm_max_memory_gb"
             )
 
-    def _prune_mlp(self, context, mlp: _Mlp) -> None:
+    def _prune_mlp(self, context, mlp: _Mlp) -> MlpReport:
         cfg = self.config
         captured = context.capture(
             {mlp.up.name: mlp.up.module, mlp.second.name: mlp.second.module},
@@ -787,7 +822,7 @@ class SparseLLMSolver(Solver):
         if mlp.gate is not None:
             context.write(mlp.gate, solution.gate, solution.first_statistics)
         context.write(mlp.second, solution.down, solution.second_statistics)
-        self.reports[context.index] = context.result.block_reports[context.index] = MlpReport(
+        report = MlpReport(
             [layer.name for layer in mlp.layers],
             problem.kind,
             solution.layerwise_error,
@@ -803,3 +838,4 @@ class SparseLLMSolver(Solver):
             solution.layerwise_error,
             "joint result kept" if solution.used_joint else "layer-wise result kept",
         )
+        return report

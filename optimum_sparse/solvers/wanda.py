@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from optimum_sparse.masks import select_mask
-from optimum_sparse.solvers import register_solver
+from optimum_sparse.registry import register_solver
 from optimum_sparse.solvers.base import LayerResult, LayerStatistics, Solver
 
 
