@@ -11,8 +11,8 @@ from optimum_sparse.pg.callback import build_space
 from optimum_sparse.pg.estimator import ScoreFunctionEstimator
 from optimum_sparse.pg.learner import StaleSubModelLearner
 from optimum_sparse.pg.masking import ChannelMasker
-from optimum_sparse.pg.slicing import slice_channels
-from optimum_sparse.pg.units import find_channel_groups, unit_costs
+from optimum_sparse.structured.slicing import slice_channels
+from optimum_sparse.structured.units import find_channel_groups, unit_costs
 
 
 def _random_keep(groups, generator) -> torch.Tensor:

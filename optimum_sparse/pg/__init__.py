@@ -11,9 +11,9 @@ from optimum_sparse.pg.callback import SparsityCallback, build_space
 from optimum_sparse.pg.distributions import BernoulliMasks, NMCategorical
 from optimum_sparse.pg.estimator import ScoreFunctionEstimator, importance_weights, surrogate_loss
 from optimum_sparse.pg.projection import harden_to_budget, project_to_budget, sigmoid_to_budget
-from optimum_sparse.pg.sliced_checkpoint import load_sliced_model, save_sliced_model, slice_pruned_channels
-from optimum_sparse.pg.slicing import slice_channels
-from optimum_sparse.pg.units import find_channel_groups
+from optimum_sparse.structured.sliced_checkpoint import load_sliced_model, save_sliced_model, slice_pruned_channels
+from optimum_sparse.structured.slicing import slice_channels
+from optimum_sparse.structured.units import find_channel_groups
 
 __all__ = [
     "BernoulliMasks",

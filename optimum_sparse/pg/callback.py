@@ -39,10 +39,10 @@ from optimum_sparse.pg import checkpointing, distributed, wiring
 from optimum_sparse.pg.channel_space import ChannelSpace
 from optimum_sparse.pg.estimator import ScoreFunctionEstimator
 from optimum_sparse.pg.learner import StaleSubModelLearner
-from optimum_sparse.pg.sliced_checkpoint import record_sliced_units
 from optimum_sparse.pg.space import MaskSpace
 from optimum_sparse.pg.wanda_init import input_norms, layers_of, wanda_metric
 from optimum_sparse.pg.weight_space import NMSpace, UnstructuredSpace
+from optimum_sparse.structured.sliced_checkpoint import record_sliced_units
 
 logger = logging.getLogger(__name__)
 

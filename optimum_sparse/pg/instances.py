@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from optimum_sparse.pg.masking import sample_digest
-from optimum_sparse.pg.slicing import group_attributes, set_attributes, slice_units
-from optimum_sparse.pg.units import ChannelGroup
+from optimum_sparse.structured.slicing import group_attributes, set_attributes, slice_units
+from optimum_sparse.structured.units import ChannelGroup
 
 logger = logging.getLogger(__name__)
 

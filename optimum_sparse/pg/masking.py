@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from optimum_sparse.architecture import get_weight
-from optimum_sparse.pg.units import ChannelGroup
+from optimum_sparse.structured.units import ChannelGroup
 
 
 def sample_digest(sample: torch.Tensor) -> bytes:
