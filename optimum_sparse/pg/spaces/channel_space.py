@@ -3,9 +3,10 @@
 The budget is counted in parameters: sum_i c_i s_i = (1 - sparsity) * sum_i c_i with c_i the
 weights (and output biases) a unit owns, so the expected sub-model has the requested size whatever
 the mix of channels and heads. Sampled sub-models are instantiated as physically smaller layers,
-built once per sample and reused while it is stale (`submodels="sliced"`, `instances.SlicedSubModels`),
-or by masking the dense layers' inputs with hooks (`submodels="masked"`, `masking.ChannelMasker`); the
-final mask can also be sliced out (`slice_model`) for a smaller dense model.
+built once per sample and reused while it is stale (`submodels="sliced"`,
+`pg.submodels.instances.SlicedSubModels`), or by masking the dense layers' inputs with hooks
+(`submodels="masked"`, `pg.submodels.masking.ChannelMasker`); the final mask can also be sliced out
+(`slice_model`, `optimum_sparse.structured`) for a smaller dense model.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import torch
 from torch import nn
 
 from optimum_sparse.architecture import get_weight
-from optimum_sparse.pg.distributions import BernoulliMasks
-from optimum_sparse.pg.instances import SlicedSubModels
-from optimum_sparse.pg.masking import ChannelMasker
-from optimum_sparse.pg.projection import (
+from optimum_sparse.pg.estimation.distributions import BernoulliMasks
+from optimum_sparse.pg.estimation.projection import (
     budget_of,
     harden_per_group,
     harden_to_budget,
@@ -25,7 +24,9 @@ from optimum_sparse.pg.projection import (
     sigmoid_to_budget,
     zscore,
 )
-from optimum_sparse.pg.space import MaskSpace
+from optimum_sparse.pg.spaces.space import MaskSpace
+from optimum_sparse.pg.submodels.instances import SlicedSubModels
+from optimum_sparse.pg.submodels.masking import ChannelMasker
 from optimum_sparse.structured.slicing import slice_channels
 from optimum_sparse.structured.unit_masks import channel_keep_from_masks, unit_weight_masks
 from optimum_sparse.structured.units import ChannelGroup, find_channel_groups, unit_costs
