@@ -30,9 +30,9 @@ from mask_learning import tokens_per_second  # the sibling benchmark's throughpu
 from optimum_sparse import SparsityConfig, perplexity, prune
 from optimum_sparse.calibration import load_text, tokenize
 from optimum_sparse.loading import load_model_and_tokenizer
-from optimum_sparse.pg.channel_space import channel_keep_from_masks
-from optimum_sparse.pg.sliced_checkpoint import slice_pruned_channels
-from optimum_sparse.pg.units import find_channel_groups
+from optimum_sparse.structured.sliced_checkpoint import slice_pruned_channels
+from optimum_sparse.structured.unit_masks import channel_keep_from_masks
+from optimum_sparse.structured.units import find_channel_groups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2")

@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from optimum_sparse import SparsityCallback, SparsityConfig, perplexity
 from optimum_sparse.calibration import TokenWindowDataset, load_text, sample_windows, tokenize
 from optimum_sparse.loading import load_model_and_tokenizer
-from optimum_sparse.pg.wanda_init import layers_of, wanda_metric
+from optimum_sparse.pg.spaces.wanda_init import layers_of, wanda_metric
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2")

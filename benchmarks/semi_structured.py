@@ -21,7 +21,7 @@ import time
 import torch
 
 from optimum_sparse import SparsityConfig
-from optimum_sparse.pg.weight_space import NMSpace
+from optimum_sparse.pg.spaces.weight_space import NMSpace
 
 
 def _model(args: argparse.Namespace) -> torch.nn.Module:

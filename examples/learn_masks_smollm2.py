@@ -1,6 +1,6 @@
 """Demo: learn a 30% channel mask of SmolLM2-135M in a Trainer, then report dense and pruned perplexity.
 
-Mask learning by policy gradients on stale sub-models (ICLR 2025 submission 5866; see
+Mask learning by policy gradients on stale sub-models (the method cited in `optimum_sparse.pg`; see
 docs/mask_learning.md): `SparsityCallback` turns a plain `transformers.Trainer` into a trainer of the
 keep-probabilities of the MLP channels and attention KV groups, initialised from the Wanda metric
 (Sun et al. 2023); each step evaluates a sampled sub-model (sliced, reused for `--refresh-every`

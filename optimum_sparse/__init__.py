@@ -12,10 +12,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "SparseModel": "optimum_sparse.modeling",
     "SparseFineTuneCallback": "optimum_sparse.callbacks",
-    "SparsityCallback": "optimum_sparse.pg",
+    "SparsityCallback": "optimum_sparse.pg.trainer.callback",
     "merge_and_mask": "optimum_sparse.peft_utils",
-    "load_sliced_model": "optimum_sparse.pg",
-    "save_sliced_model": "optimum_sparse.pg",
+    "load_sliced_model": "optimum_sparse.structured.sliced_checkpoint",
+    "save_sliced_model": "optimum_sparse.structured.sliced_checkpoint",
 }
 
 

@@ -224,7 +224,7 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         record["ppl"] = evaluate()
         logger.info("pruned perplexity: %.3f", record["ppl"])
     if args.slice:
-        from optimum_sparse.pg.sliced_checkpoint import save_sliced_model, slice_pruned_channels
+        from optimum_sparse.structured.sliced_checkpoint import save_sliced_model, slice_pruned_channels
 
         record["parameters_dense"] = sum(p.numel() for p in model.parameters())
         slice_pruned_channels(model, result.masks)

@@ -10,10 +10,10 @@ from optimum_sparse import SparsityCallback, SparsityConfig, prune
 from optimum_sparse.architecture import get_weight
 from optimum_sparse.calibration import sample_windows, tokenize
 from optimum_sparse.masks import is_valid_nm
-from optimum_sparse.pg.channel_space import channel_keep_from_masks, unit_weight_masks
-from optimum_sparse.pg.sliced_checkpoint import slice_pruned_channels
-from optimum_sparse.pg.units import find_channel_groups, unit_costs
 from optimum_sparse.solvers import get_solver_class
+from optimum_sparse.structured.sliced_checkpoint import slice_pruned_channels
+from optimum_sparse.structured.unit_masks import channel_keep_from_masks, unit_weight_masks
+from optimum_sparse.structured.units import find_channel_groups, unit_costs
 
 
 def _config(**kwargs) -> SparsityConfig:

@@ -7,12 +7,12 @@ import torch
 from conftest import ARCHITECTURES, INTERMEDIATE, VOCAB_SIZE, build_model
 
 from optimum_sparse.config import SparsityConfig
-from optimum_sparse.pg.callback import build_space
-from optimum_sparse.pg.estimator import ScoreFunctionEstimator
+from optimum_sparse.pg.estimation.estimator import ScoreFunctionEstimator
 from optimum_sparse.pg.learner import StaleSubModelLearner
-from optimum_sparse.pg.masking import ChannelMasker
-from optimum_sparse.pg.slicing import slice_channels
-from optimum_sparse.pg.units import find_channel_groups, unit_costs
+from optimum_sparse.pg.submodels.masking import ChannelMasker
+from optimum_sparse.pg.trainer.callback import build_space
+from optimum_sparse.structured.slicing import slice_channels
+from optimum_sparse.structured.units import find_channel_groups, unit_costs
 
 
 def _random_keep(groups, generator) -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_every_attention_group_pruned_is_refused():
 
 def test_wanda_init_spreads_the_budget_over_layers_whose_metric_scale_differs():
     """Activation norms grow with depth: a per-layer z-score keeps every layer, not just the deep ones."""
-    from optimum_sparse.pg.channel_space import ChannelSpace
+    from optimum_sparse.pg.spaces.channel_space import ChannelSpace
 
     model = build_model("llama")
     space = ChannelSpace(model, sparsity=0.5)

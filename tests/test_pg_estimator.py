@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from optimum_sparse.pg.distributions import BernoulliMasks, NMCategorical, nm_patterns
-from optimum_sparse.pg.estimator import (
+from optimum_sparse.pg.estimation.distributions import BernoulliMasks, NMCategorical, nm_patterns
+from optimum_sparse.pg.estimation.estimator import (
     ScoreFunctionEstimator,
     importance_weights,
     leave_one_out,

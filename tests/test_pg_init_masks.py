@@ -10,8 +10,8 @@ from pg_helpers import Windows, make_trainer
 from optimum_sparse import SparseModel, SparsityCallback, SparsityConfig
 from optimum_sparse.calibration import sample_windows, tokenize
 from optimum_sparse.masks import is_valid_nm
-from optimum_sparse.pg.channel_space import unit_weight_masks
 from optimum_sparse.sequential import prune
+from optimum_sparse.structured.unit_masks import unit_weight_masks
 
 
 @pytest.fixture

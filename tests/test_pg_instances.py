@@ -9,9 +9,9 @@ from pg_helpers import Windows, make_trainer
 
 from optimum_sparse import SparsityCallback, SparsityConfig
 from optimum_sparse.calibration import sample_windows, tokenize
-from optimum_sparse.pg.instances import SlicedSubModels
-from optimum_sparse.pg.masking import ChannelMasker
-from optimum_sparse.pg.units import find_channel_groups
+from optimum_sparse.pg.submodels.instances import SlicedSubModels
+from optimum_sparse.pg.submodels.masking import ChannelMasker
+from optimum_sparse.structured.units import find_channel_groups
 
 
 def _logits(model, ids) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optimum_sparse.pg.projection import (
+from optimum_sparse.pg.estimation.projection import (
     budget_of,
     harden_per_group,
     harden_to_budget,

@@ -63,10 +63,10 @@ def test_resumed_training_equals_straight_training(dataset, tmp_path, pattern, o
 
 
 def test_a_new_rank_starts_from_rank_zero_state_with_its_own_samples(tmp_path):
-    from optimum_sparse.pg import checkpointing
-    from optimum_sparse.pg.callback import build_space
-    from optimum_sparse.pg.estimator import ScoreFunctionEstimator
+    from optimum_sparse.pg.estimation.estimator import ScoreFunctionEstimator
     from optimum_sparse.pg.learner import StaleSubModelLearner
+    from optimum_sparse.pg.trainer import checkpointing
+    from optimum_sparse.pg.trainer.callback import build_space
 
     config = SparsityConfig(method="pg", pattern="channels", sparsity=0.3, refresh_every=4)
 

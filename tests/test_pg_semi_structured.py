@@ -8,9 +8,9 @@ from conftest import VOCAB_SIZE, build_model
 
 from optimum_sparse import SparsityConfig
 from optimum_sparse.masks import is_valid_nm
-from optimum_sparse.pg.masking import WeightMasker, sample_digest
-from optimum_sparse.pg.semi_structured import SemiStructuredMasker
-from optimum_sparse.pg.weight_space import NMSpace
+from optimum_sparse.pg.spaces.weight_space import NMSpace
+from optimum_sparse.pg.submodels.masking import WeightMasker, sample_digest
+from optimum_sparse.pg.submodels.semi_structured import SemiStructuredMasker
 
 CONFIG = SparsityConfig(method="pg", pattern="2:4", samples_per_step=2)
 
@@ -125,7 +125,7 @@ def test_on_cpu_every_layer_falls_back_to_masking(caplog):
     sample = space.sample(space.initial_scores(), 1, generator=torch.Generator().manual_seed(4))[0]
     reference_model, reference = _masked_reference()
     ids = torch.randint(3, VOCAB_SIZE, (1, 8), generator=torch.Generator().manual_seed(0))
-    with caplog.at_level("INFO", logger="optimum_sparse.pg.semi_structured"):
+    with caplog.at_level("INFO", logger="optimum_sparse.pg.submodels.semi_structured"):
         space.activate(sample)
     reference.activate(sample)
     assert space.masker.compressed_layers == [] and len(space.masker.masked_layers) == len(space.layout.modules)

@@ -11,14 +11,14 @@ from conftest import ARCHITECTURES, VOCAB_SIZE, build_model, build_tokenizer
 
 from optimum_sparse import load_sliced_model, save_sliced_model
 from optimum_sparse.loading import load_model_and_tokenizer
-from optimum_sparse.pg.sliced_checkpoint import (
+from optimum_sparse.structured.sliced_checkpoint import (
     SLICED_UNITS_KEY,
     is_sliced_checkpoint,
     record_sliced_units,
     slice_pruned_channels,
 )
-from optimum_sparse.pg.slicing import slice_channels
-from optimum_sparse.pg.units import find_channel_groups
+from optimum_sparse.structured.slicing import slice_channels
+from optimum_sparse.structured.units import find_channel_groups
 
 
 def _sliced(arch: str, seed: int = 1) -> tuple[torch.nn.Module, dict[str, int]]:

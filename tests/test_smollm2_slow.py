@@ -51,9 +51,9 @@ def test_smollm2_wanda_half_sparsity_keeps_a_finite_perplexity():
 
 def test_smollm2_sliced_checkpoint_is_smaller_and_reloads_with_the_same_logits(tmp_path):
     from optimum_sparse import load_sliced_model, save_sliced_model
-    from optimum_sparse.pg.sliced_checkpoint import record_sliced_units
-    from optimum_sparse.pg.slicing import slice_channels
-    from optimum_sparse.pg.units import find_channel_groups
+    from optimum_sparse.structured.sliced_checkpoint import record_sliced_units
+    from optimum_sparse.structured.slicing import slice_channels
+    from optimum_sparse.structured.units import find_channel_groups
 
     model, tokenizer = load_model_and_tokenizer(None)
     dense_parameters = sum(p.numel() for p in model.parameters())

@@ -1,19 +1,58 @@
-"""Mask learning by policy gradients on stale sub-models (ICLR 2025 submission 5866): see docs/mask_learning.md.
+"""Mask learning by policy gradients on stale sub-models.
 
-distributions (Bernoulli / N:M categorical masks), estimator (score-function gradient, importance
-weights, surrogate loss), projection (budget), units / masking / slicing / instances (channel
-sub-models), spaces (channels, unstructured, N:M), wanda_init, learner, wiring (Trainer integration),
-distributed (several processes), checkpointing (resume), sliced_checkpoint (save / reload a sliced
-model), callback.
+The method is that of "Computation and Memory-Efficient Model Compression with Gradient Reweighting"
+(NeurIPS 2025, https://openreview.net/forum?id=qILtlupwrR): the keep-probabilities of the mask units
+are learned from forward passes only, by a score-function gradient; a sampled sub-model is reused for
+several steps and its gradient reweighted by clipped importance ratios. The modules of this package
+cite it by pointing here; docs/mask_learning.md describes the settings and measurements.
+
+Subpackages, each importing only the ones listed before it:
+- estimation: mask distributions, the score-function estimator, budget projection;
+- submodels: instantiating a sampled mask (hooks, masked weights, sliced or 2:4-compressed layers);
+- spaces: one mask space per pattern (channels, unstructured, N:M) and the Wanda initialisation;
+- learner.py (stale samples, refresh schedule, statistics) and block_objective.py (masks learned block
+  by block inside `prune()`), both on top of the spaces;
+- trainer: `SparsityCallback` and its Trainer wiring, distributed and checkpointing helpers.
+Channel units, slicing and sliced checkpoints are `optimum_sparse.structured`.
+
+The names below are resolved on first use, so that importing any module of this package does not
+import transformers' Trainer machinery (only `SparsityCallback` / `build_space` do).
 """
 
-from optimum_sparse.pg.callback import SparsityCallback, build_space
-from optimum_sparse.pg.distributions import BernoulliMasks, NMCategorical
-from optimum_sparse.pg.estimator import ScoreFunctionEstimator, importance_weights, surrogate_loss
-from optimum_sparse.pg.projection import harden_to_budget, project_to_budget, sigmoid_to_budget
-from optimum_sparse.pg.sliced_checkpoint import load_sliced_model, save_sliced_model, slice_pruned_channels
-from optimum_sparse.pg.slicing import slice_channels
-from optimum_sparse.pg.units import find_channel_groups
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "SparsityCallback": "optimum_sparse.pg.trainer.callback",
+    "build_space": "optimum_sparse.pg.trainer.callback",
+    "BernoulliMasks": "optimum_sparse.pg.estimation.distributions",
+    "NMCategorical": "optimum_sparse.pg.estimation.distributions",
+    "ScoreFunctionEstimator": "optimum_sparse.pg.estimation.estimator",
+    "importance_weights": "optimum_sparse.pg.estimation.estimator",
+    "surrogate_loss": "optimum_sparse.pg.estimation.estimator",
+    "harden_to_budget": "optimum_sparse.pg.estimation.projection",
+    "project_to_budget": "optimum_sparse.pg.estimation.projection",
+    "sigmoid_to_budget": "optimum_sparse.pg.estimation.projection",
+    "load_sliced_model": "optimum_sparse.structured.sliced_checkpoint",
+    "save_sliced_model": "optimum_sparse.structured.sliced_checkpoint",
+    "slice_pruned_channels": "optimum_sparse.structured.sliced_checkpoint",
+    "slice_channels": "optimum_sparse.structured.slicing",
+    "find_channel_groups": "optimum_sparse.structured.units",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'optimum_sparse.pg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BernoulliMasks",

@@ -28,15 +28,15 @@ import torch
 from optimum_sparse.architecture import get_weight
 from optimum_sparse.blocks import BlockContext, prune_and_write
 from optimum_sparse.config import SparsityConfig
-from optimum_sparse.pg.channel_space import ChannelSpace
-from optimum_sparse.pg.estimator import ScoreFunctionEstimator
+from optimum_sparse.pg.estimation.estimator import ScoreFunctionEstimator
 from optimum_sparse.pg.learner import StaleSubModelLearner
-from optimum_sparse.pg.space import MaskSpace
-from optimum_sparse.pg.units import block_channel_groups
-from optimum_sparse.pg.wanda_init import layers_of, wanda_metric
-from optimum_sparse.pg.weight_space import NMSpace, UnstructuredSpace
+from optimum_sparse.pg.spaces.channel_space import ChannelSpace
+from optimum_sparse.pg.spaces.space import MaskSpace
+from optimum_sparse.pg.spaces.wanda_init import layers_of, wanda_metric
+from optimum_sparse.pg.spaces.weight_space import NMSpace, UnstructuredSpace
 from optimum_sparse.solvers.base import Solver
 from optimum_sparse.solvers.wanda import wanda_scores
+from optimum_sparse.structured.units import block_channel_groups
 
 logger = logging.getLogger(__name__)
 

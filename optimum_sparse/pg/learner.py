@@ -2,8 +2,8 @@
 
 `StaleSubModelLearner.training_loss(run)` is called once per forward pass (micro-batch). Every
 `refresh_every` optimizer steps it samples `samples_per_step` masks from the current scores and
-remembers log p at that moment; in between it reuses them (stale sub-models, ICLR 2025 submission
-5866). `run()` evaluates the active sub-model's loss without building a graph; the returned
+remembers log p at that moment; in between it reuses them (stale sub-models, the method of
+`optimum_sparse.pg`). `run()` evaluates the active sub-model's loss without building a graph; the returned
 surrogate has that loss as value and the reweighted score-function estimate as its gradient w.r.t.
 the scores. The callback calls `end_step()` after each optimizer step and `project()` to put the
 scores back on the budget. `state_dict()` / `load_state_dict()` carry everything the next steps depend
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from optimum_sparse.pg.estimator import ScoreFunctionEstimator, surrogate_loss
-from optimum_sparse.pg.space import MaskSpace
+from optimum_sparse.pg.estimation.estimator import ScoreFunctionEstimator, surrogate_loss
+from optimum_sparse.pg.spaces.space import MaskSpace
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ Two families, both factorised over independent units so that log-probabilities a
 
 - `BernoulliMasks`: one keep-probability s_i in [0, 1] per unit (a weight, an MLP channel, an
   attention head / KV group). The scores *are* the probabilities, as in the paper this method
-  follows (stale sub-models reweighted by importance ratios, ICLR 2025 submission 5866, see
-  ../../docs/mask_learning.md), so that the budget constraint sum_i c_i s_i = B is linear.
+  follows (cited in `optimum_sparse.pg`; see docs/mask_learning.md), so that the budget constraint
+  sum_i c_i s_i = B is linear.
 - `NMCategorical`: for N:M sparsity, one categorical distribution per group of M consecutive
   weights over the C(M, N) admissible keep-patterns, parametrised by logits.
 

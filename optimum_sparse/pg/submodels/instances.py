@@ -1,10 +1,10 @@
 """Sampled channel sub-models instantiated as physically smaller layers, built once and reused while stale.
 
-Policy gradients on stale sub-models (ICLR 2025 submission 5866) reuse a sampled sub-model for
+Policy gradients on stale sub-models (see `optimum_sparse.pg`) reuse a sampled sub-model for
 `refresh_every` steps; that reuse pays off when instantiating a sub-model costs something. Here a
-channel mask is turned once into sliced copies of the projection layers (`slicing.slice_units`: the
-kept rows of q/k/v, gate/up, fc1, c_attn, c_fc and the kept columns of o_proj, down, fc2, c_proj),
-and activating the sample swaps those copies into the model (a few `setattr`s), so every forward on
+channel mask is turned once into sliced copies of the projection layers
+(`optimum_sparse.structured.slicing.slice_units`: the kept rows of q/k/v, gate/up, fc1, c_attn, c_fc
+and the kept columns of o_proj, down, fc2, c_proj), and activating the sample swaps those copies into the model (a few `setattr`s), so every forward on
 it runs the smaller matmuls. Deactivating swaps the dense layers back; the copies stay cached (the
 most recent `capacity` masks, keyed by `masking.sample_digest`), so re-activating a stale sample after an
 evaluation or a checkpoint save does not rebuild it.
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from optimum_sparse.pg.masking import sample_digest
-from optimum_sparse.pg.slicing import group_attributes, set_attributes, slice_units
-from optimum_sparse.pg.units import ChannelGroup
+from optimum_sparse.pg.submodels.masking import sample_digest
+from optimum_sparse.structured.slicing import group_attributes, set_attributes, slice_units
+from optimum_sparse.structured.units import ChannelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class SlicedSubModels:
     """Builds, caches and swaps in sliced sub-models of the channel `groups` of one model.
 
     Args:
-        groups: the model's channel groups (`units.find_channel_groups`), dense when this is created.
+        groups: the model's channel groups (`structured.units.find_channel_groups`), dense when this is created.
         capacity: how many sub-models stay cached (samples per step, plus one for the hard mask).
 
     `instantiations` counts the sub-models built and `seconds` the time spent building them.

@@ -2,8 +2,8 @@
 
 Each rank samples its own sub-models (its sampler is seeded with `seed + rank`), so one optimizer step
 averages `world_size` independent score-function estimates: DistributedDataParallel all-reduces the
-gradient of the only trainable parameters, the scores (policy gradients on stale sub-models, ICLR 2025
-submission 5866, with one stale sample per rank). The scores then stay identical on every rank as long
+gradient of the only trainable parameters, the scores (policy gradients on stale sub-models, see
+`optimum_sparse.pg`, with one stale sample per rank). The scores then stay identical on every rank as long
 as they start identical, which the Wanda initialisation does not guarantee (each rank sees its own
 calibration batches): `synchronise` averages them across ranks right after it. The average of scores
 that all lie on the budget hyperplane, inside [0, 1], lies there too (the feasible set is convex).

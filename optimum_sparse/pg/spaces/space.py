@@ -1,8 +1,8 @@
 """What a mask space is: scores, how masks are sampled from them, and how a mask is put in the model.
 
-A `MaskSpace` ties one mask distribution (`distributions.py`) to one way of instantiating sub-models
-(`masking.py`) and one budget. The learner (`learner.py`) only talks to this interface, so the
-sparsity pattern ("channels", "unstructured", "N:M") is a choice of space.
+A `MaskSpace` ties one mask distribution (`pg.estimation.distributions`) to one way of instantiating
+sub-models (`pg.submodels`) and one budget. The learner (`pg.learner`) only talks to this interface,
+so the sparsity pattern ("channels", "unstructured", "N:M") is a choice of space.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from optimum_sparse.pg.estimator import MaskFamily
+from optimum_sparse.pg.estimation.estimator import MaskFamily
 
 #: gap (in logits, before the temperature) between the least preferred kept unit and the most
 #: preferred removed one when scores start from a given mask (`init_from_mask`)

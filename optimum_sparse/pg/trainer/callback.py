@@ -1,6 +1,6 @@
 """`SparsityCallback`: learn a sparsity mask inside a `transformers.Trainer`.
 
-Policy gradients on stale sub-models (ICLR 2025 submission 5866): keep-probabilities s of the mask
+Policy gradients on stale sub-models (the method cited in `optimum_sparse.pg`): keep-probabilities s of the mask
 units are the only trainable parameters; each step evaluates a sampled sub-model by forward passes
 only and applies the score-function gradient, reweighted by clipped importance ratios while a
 sub-model is reused for `refresh_every` steps; after every optimizer step s is projected back onto
@@ -34,14 +34,14 @@ from transformers import TrainerCallback
 
 from optimum_sparse.checkpoint import MASKS_NAME, read_masks
 from optimum_sparse.config import SparsityConfig
-from optimum_sparse.pg import checkpointing, distributed, wiring
-from optimum_sparse.pg.channel_space import ChannelSpace
-from optimum_sparse.pg.estimator import ScoreFunctionEstimator
+from optimum_sparse.pg.estimation.estimator import ScoreFunctionEstimator
 from optimum_sparse.pg.learner import StaleSubModelLearner
-from optimum_sparse.pg.sliced_checkpoint import record_sliced_units
-from optimum_sparse.pg.space import MaskSpace
-from optimum_sparse.pg.wanda_init import input_norms, layers_of, wanda_metric
-from optimum_sparse.pg.weight_space import NMSpace, UnstructuredSpace
+from optimum_sparse.pg.spaces.channel_space import ChannelSpace
+from optimum_sparse.pg.spaces.space import MaskSpace
+from optimum_sparse.pg.spaces.wanda_init import input_norms, layers_of, wanda_metric
+from optimum_sparse.pg.spaces.weight_space import NMSpace, UnstructuredSpace
+from optimum_sparse.pg.trainer import checkpointing, distributed, wiring
+from optimum_sparse.structured.sliced_checkpoint import record_sliced_units
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from optimum_sparse.architecture import get_weight
-from optimum_sparse.pg.channel_space import ChannelSpace
-from optimum_sparse.pg.space import MaskSpace
+from optimum_sparse.pg.spaces.channel_space import ChannelSpace
+from optimum_sparse.pg.spaces.space import MaskSpace
 from optimum_sparse.solvers.base import LayerStatistics
 
 

@@ -1,6 +1,6 @@
 """2:4 sub-models instantiated as compressed semi-structured sparse weights (CUDA), cached while stale.
 
-Policy gradients on stale sub-models (ICLR 2025 submission 5866) reuse a sampled sub-model for
+Policy gradients on stale sub-models (see `optimum_sparse.pg`) reuse a sampled sub-model for
 `refresh_every` steps, which pays when instantiating one costs something. For a 2:4 mask on an
 Ampere-or-newer GPU that instantiation is real: `torch.sparse.to_sparse_semi_structured(W0 * m)`
 compresses each masked weight into its kept values plus metadata, and the sparse tensor-core matmul
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from optimum_sparse.pg.masking import WeightMasker
+from optimum_sparse.pg.submodels.masking import WeightMasker
 
 logger = logging.getLogger(__name__)
 

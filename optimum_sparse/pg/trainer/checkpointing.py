@@ -1,8 +1,8 @@
 """Saving the mask-learning state with the Trainer's checkpoints and resuming from it exactly.
 
 The Trainer checkpoints the model (dense weights and `pg_mask_scores.scores`), the optimizer, the
-scheduler and its own RNG states; what else policy gradients on stale sub-models (ICLR 2025
-submission 5866) carry from one step to the next is the learner's: the loss baseline, the stale
+scheduler and its own RNG states; what else policy gradients on stale sub-models (the method of
+`optimum_sparse.pg`) carry from one step to the next is the learner's: the loss baseline, the stale
 samples and their log-probabilities when drawn, the step counters and the sampler's RNG state. Each
 process writes its own (`pg_mask_learning_rank{r}.pt`, ranks sample different sub-models) into the
 checkpoint folder from `on_save`, and `on_train_begin` of a resumed run reads it back.

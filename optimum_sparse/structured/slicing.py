@@ -1,12 +1,13 @@
-"""Instantiating a channel sub-model as a smaller dense model.
+"""Turning a channel-masked model into a smaller dense model.
 
 Removed MLP channels and attention KV groups are sliced out of the projection layers, which are
 replaced by smaller `nn.Linear` (or transformers `Conv1D`) modules; attention modules get their head
 counts updated where they keep them (`num_heads`, `num_key_value_heads`, GPT-2's `split_size`) and
 MLP modules their `intermediate_size`. The sliced model computes the same function as the masked one
-(`masking.ChannelMasker`), with fewer parameters and FLOPs. The shared `model.config` is left alone
-because layers may now differ in width; such a model is used in memory or saved with
-`torch.save`, not reloaded from its config.
+(e.g. under `pg.submodels.masking.ChannelMasker`), with fewer parameters and FLOPs. The shared
+`model.config` is left alone because layers may now differ in width; `sliced_checkpoint` records the
+kept widths so that such a model can be saved and reloaded. Mask learning slices its sampled
+sub-models with the same functions (`pg.submodels.instances`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from optimum_sparse.architecture import is_transposed
-from optimum_sparse.pg.units import ChannelGroup, UnitSlice
+from optimum_sparse.structured.units import ChannelGroup, UnitSlice
 
 logger = logging.getLogger(__name__)
 

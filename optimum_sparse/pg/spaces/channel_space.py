@@ -3,9 +3,10 @@
 The budget is counted in parameters: sum_i c_i s_i = (1 - sparsity) * sum_i c_i with c_i the
 weights (and output biases) a unit owns, so the expected sub-model has the requested size whatever
 the mix of channels and heads. Sampled sub-models are instantiated as physically smaller layers,
-built once per sample and reused while it is stale (`submodels="sliced"`, `instances.SlicedSubModels`),
-or by masking the dense layers' inputs with hooks (`submodels="masked"`, `masking.ChannelMasker`); the
-final mask can also be sliced out (`slice_model`) for a smaller dense model.
+built once per sample and reused while it is stale (`submodels="sliced"`,
+`pg.submodels.instances.SlicedSubModels`), or by masking the dense layers' inputs with hooks
+(`submodels="masked"`, `pg.submodels.masking.ChannelMasker`); the final mask can also be sliced out
+(`slice_model`, `optimum_sparse.structured`) for a smaller dense model.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import torch
 from torch import nn
 
 from optimum_sparse.architecture import get_weight
-from optimum_sparse.pg.distributions import BernoulliMasks
-from optimum_sparse.pg.instances import SlicedSubModels
-from optimum_sparse.pg.masking import ChannelMasker
-from optimum_sparse.pg.projection import (
+from optimum_sparse.pg.estimation.distributions import BernoulliMasks
+from optimum_sparse.pg.estimation.projection import (
     budget_of,
     harden_per_group,
     harden_to_budget,
@@ -25,9 +24,12 @@ from optimum_sparse.pg.projection import (
     sigmoid_to_budget,
     zscore,
 )
-from optimum_sparse.pg.slicing import slice_channels
-from optimum_sparse.pg.space import MaskSpace
-from optimum_sparse.pg.units import ChannelGroup, find_channel_groups, unit_costs
+from optimum_sparse.pg.spaces.space import MaskSpace
+from optimum_sparse.pg.submodels.instances import SlicedSubModels
+from optimum_sparse.pg.submodels.masking import ChannelMasker
+from optimum_sparse.structured.slicing import slice_channels
+from optimum_sparse.structured.unit_masks import channel_keep_from_masks, unit_weight_masks
+from optimum_sparse.structured.units import ChannelGroup, find_channel_groups, unit_costs
 
 
 class ChannelSpace(MaskSpace):
@@ -169,42 +171,3 @@ class ChannelSpace(MaskSpace):
             units = slice(group.offset, group.offset + group.num_units)
             z[units] = zscore(metric[units])
         return z
-
-
-def unit_weight_masks(groups: list[ChannelGroup], keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{full layer name: (out, in) bool mask} removing the rows / columns of the units not in `keep`."""
-    keep = keep.reshape(-1).cpu().bool()
-    masks = {}
-    for group in groups:
-        kept_units = torch.nonzero(keep[group.units]).reshape(-1)
-        for unit_slice in group.slices:
-            weight = get_weight(unit_slice.layer)
-            features = torch.zeros(weight.shape[0 if unit_slice.side == "out" else 1], dtype=torch.bool)
-            features[unit_slice.indices(kept_units)] = True
-            mask = features.unsqueeze(1) if unit_slice.side == "out" else features.unsqueeze(0)
-            masks[f"{group.name}.{unit_slice.attr}"] = mask.expand(tuple(weight.shape)).clone()
-    return masks
-
-
-def channel_keep_from_masks(groups: list[ChannelGroup], masks: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The flat unit keep-vector behind per-layer channel masks (what `unit_weight_masks` inverts).
-
-    A unit is kept if its columns of the output projection are; a ValueError when a projection has no
-    mask, or when the masks do not remove whole channels / KV groups (per-weight masks)."""
-    keep = torch.zeros(sum(group.num_units for group in groups), dtype=torch.bool)
-    for group in groups:
-        consumer = group.consumer
-        name = f"{group.name}.{consumer.attr}"
-        if name not in masks:
-            raise ValueError(f"no mask for {name}: the masks do not cover every channel projection")
-        columns = masks[name].to("cpu", torch.bool).any(0)
-        owned = consumer.indices(torch.arange(group.num_units)).reshape(len(consumer.offsets), group.num_units, -1)
-        keep[group.units] = columns[owned].all(dim=2).all(dim=0)
-    implied = unit_weight_masks(groups, keep)
-    wrong = [name for name, mask in implied.items() if name in masks and not torch.equal(masks[name].cpu(), mask)]
-    if wrong:
-        raise ValueError(
-            f"the masks of {wrong[:3]} do not remove whole channels / KV groups (pattern 'channels' needs "
-            f"masks of that pattern, e.g. from prune() with pattern='channels')"
-        )
-    return keep

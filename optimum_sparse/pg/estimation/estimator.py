@@ -5,7 +5,7 @@ For a mask distribution p_s and a loss L(m) of the sub-model with mask m,
     grad_s E_{m ~ p_s}[L(m)] = E_{m ~ p_s}[(L(m) - b) grad_s log p_s(m)]
 
 for any baseline b that does not depend on m (Williams 1992). A sub-model sampled at step t0 and
-reused at step t (stale sub-models, ICLR 2025 submission 5866) is drawn from p_{s_t0}, so its term is
+reused at step t (stale sub-models, see `optimum_sparse.pg`) is drawn from p_{s_t0}, so its term is
 reweighted by the importance ratio w = p_{s_t}(m) / p_{s_t0}(m), which keeps the estimate unbiased.
 The ratio is a product over thousands of units, so it is computed in log space and clipped to
 [1/clip, clip] (truncated importance sampling, in the spirit of PPO's clipped ratio): a clipped

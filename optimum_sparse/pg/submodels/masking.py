@@ -2,7 +2,7 @@
 
 - `ChannelMasker`: forward pre-hooks multiply the input of each output projection (down / fc2 /
   c_proj, o_proj / out_proj) by the unit mask expanded over the unit's features. A removed channel
-  or KV group then contributes nothing, exactly as if it had been sliced out (see `slicing.py`).
+  or KV group then contributes nothing, exactly as if it had been sliced out (see `optimum_sparse.structured.slicing`).
 - `WeightMasker`: writes W0 * m into the weights of the masked linears, keeping the dense W0 aside
   (one extra copy of the masked weights) so that the next sub-model starts from the dense weights.
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from optimum_sparse.architecture import get_weight
-from optimum_sparse.pg.units import ChannelGroup
+from optimum_sparse.structured.units import ChannelGroup
 
 
 def sample_digest(sample: torch.Tensor) -> bytes:

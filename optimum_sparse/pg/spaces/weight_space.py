@@ -4,7 +4,7 @@ Units are the weights of the target linears (`find_prunable_layers`), laid out l
 (out, in) order and flattened. N:M groups are M consecutive input weights of a row, matching
 `masks.nm_mask`. Sub-models are instantiated by writing W0 * m into the weights (`WeightMasker`);
 2:4 sub-models are compressed into semi-structured sparse weights where torch supports it (CUDA,
-`semi_structured.SemiStructuredMasker`) unless `pg_submodels="masked"`.
+`pg.submodels.semi_structured.SemiStructuredMasker`) unless `pg_submodels="masked"`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from torch import nn
 from optimum_sparse.architecture import PrunableLayer, find_prunable_layers, get_weight
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.masks import num_pruned, topk_mask
-from optimum_sparse.pg.distributions import BernoulliMasks, NMCategorical
-from optimum_sparse.pg.masking import WeightMasker, sample_digest
-from optimum_sparse.pg.projection import project_to_budget, sigmoid_to_budget, zscore
-from optimum_sparse.pg.semi_structured import SemiStructuredMasker
-from optimum_sparse.pg.space import MaskSpace
+from optimum_sparse.pg.estimation.distributions import BernoulliMasks, NMCategorical
+from optimum_sparse.pg.estimation.projection import project_to_budget, sigmoid_to_budget, zscore
+from optimum_sparse.pg.spaces.space import MaskSpace
+from optimum_sparse.pg.submodels.masking import WeightMasker, sample_digest
+from optimum_sparse.pg.submodels.semi_structured import SemiStructuredMasker
 
 
 class _WeightLayout:
