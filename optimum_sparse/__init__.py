@@ -2,6 +2,9 @@
 
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.evaluation import perplexity, sparsity_report
+
+# mask learning registers method "pg" (its Trainer callback stays lazy, below)
+from optimum_sparse.pg import solver as _pg_solver  # noqa: E402,F401,I001
 from optimum_sparse.refit import refit_weights
 from optimum_sparse.sequential import PruningResult, prune
 from optimum_sparse.solvers import available_methods, register_solver

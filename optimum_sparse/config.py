@@ -45,9 +45,6 @@ _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 #: non-N:M patterns; "unstructured" is stored as None, "channels" (MLP channels + attention KV groups) is
 #: offered by the methods that list it in `Solver.patterns`
 STRUCTURED_PATTERNS = ("channels",)
-#: settings of policy-gradient mask learning (method "pg", see docs/mask_learning.md)
-PG_PRECONDITIONERS = ("fisher", "adam")
-PG_RATIOS = ("joint", "unit")
 
 DEFAULT_IGNORE = (r"(^|\.)lm_head$", r"embed", r"(^|\.)wte$", r"(^|\.)wpe$")
 

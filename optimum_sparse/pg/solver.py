@@ -1,4 +1,4 @@
-"""Registers "pg": masks learned by policy gradients on stale sub-models.
+"""Registers "pg": masks learned by policy gradients on stale sub-models (see `optimum_sparse.pg`).
 
 With `pg_objective="lm"` (the default) masks are learned during training by
 `optimum_sparse.pg.SparsityCallback` inside a `transformers.Trainer` (see docs/mask_learning.md); the
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from optimum_sparse.config import PG_PRECONDITIONERS, PG_RATIOS, SparsityConfig
+from optimum_sparse.config import SparsityConfig
 from optimum_sparse.options import (
     Option,
     boolean,
@@ -23,6 +23,8 @@ from optimum_sparse.options import (
     one_of,
     positive_int,
 )
+from optimum_sparse.pg.block_objective import learn_block_masks
+from optimum_sparse.pg.estimation.estimator import PRECONDITIONERS, RATIOS
 from optimum_sparse.registry import register_solver
 from optimum_sparse.solvers.base import LayerResult, LayerStatistics, Solver
 
@@ -53,7 +55,7 @@ PG_OPTIONS = (
         "joint",
         "reweight a stale sample by its 'joint' ratio p_now(m) / p_then(m), or each unit's gradient by that "
         "unit's own factor of it ('unit')",
-        one_of(PG_RATIOS),
+        one_of(RATIOS),
     ),
     Option(
         "layer_sharing",
@@ -67,7 +69,7 @@ PG_OPTIONS = (
         "fisher",
         "'fisher' scales Bernoulli gradients by s(1 - s) (natural gradient; pair with optim='sgd'), 'adam' "
         "leaves the raw gradient to an adaptive optimizer",
-        one_of(PG_PRECONDITIONERS),
+        one_of(PRECONDITIONERS),
     ),
     Option(
         "samples_per_step",
@@ -166,8 +168,6 @@ class PolicyGradientSolver(Solver):
     def prune_block(self, context) -> object | None:
         if context.fixed_masks is not None:
             return super().prune_block(context)
-        from optimum_sparse.pg.block_objective import learn_block_masks
-
         return learn_block_masks(context, self.config, self)
 
     def prune_layer(self, weight: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
