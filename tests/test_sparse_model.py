@@ -359,7 +359,7 @@ def test_failure_during_save_leaves_the_old_directory_untouched(saved, monkeypat
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("optimum_sparse.modeling.write_masks", fail)
+    monkeypatch.setattr("optimum_sparse.sparse_checkpoint.write_masks", fail)
     with pytest.raises(OSError, match="disk full"):
         _pruned(sparsity=0.7).save_pretrained(saved, compact=True)
     assert _snapshot(saved) == before

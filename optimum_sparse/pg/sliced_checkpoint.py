@@ -130,7 +130,7 @@ def load_sliced_model(path: str | os.PathLike, dtype: torch.dtype | str | None =
     """The model saved by `save_sliced_model` (or by `save_pretrained` after slicing), in eval mode."""
     from transformers import AutoConfig
 
-    from optimum_sparse.modeling import _model_class, restore_generation_config
+    from optimum_sparse.loading import model_class, restore_generation_config
 
     directory = os.fspath(path)
     if not os.path.isdir(directory):
@@ -144,7 +144,7 @@ def load_sliced_model(path: str | os.PathLike, dtype: torch.dtype | str | None =
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with _no_init():
-        model = _model_class(config)._from_config(config, dtype=dtype)
+        model = model_class(config)._from_config(config, dtype=dtype)
     groups = find_channel_groups(model)
     slice_channels(groups, _keep_first(groups, kept))
     tensors = _read_tensors(directory)
