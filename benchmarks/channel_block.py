@@ -28,8 +28,8 @@ import torch
 from mask_learning import tokens_per_second  # the sibling benchmark's throughput probe (same measurement)
 
 from optimum_sparse import SparsityConfig, perplexity, prune
+from optimum_sparse.auto_loading import load_model_and_tokenizer
 from optimum_sparse.calibration import load_text, tokenize
-from optimum_sparse.loading import load_model_and_tokenizer
 from optimum_sparse.structured.sliced_checkpoint import slice_pruned_channels
 from optimum_sparse.structured.unit_masks import channel_keep_from_masks
 from optimum_sparse.structured.units import find_channel_groups

@@ -68,8 +68,8 @@ def run(args: argparse.Namespace, workdir: str) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     from optimum_sparse import SparseModel, SparsityConfig, prune
+    from optimum_sparse.auto_loading import load_model_and_tokenizer
     from optimum_sparse.checkpoint import directory_bytes
-    from optimum_sparse.loading import load_model_and_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -30,8 +30,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from optimum_sparse import SparsityCallback, SparsityConfig, perplexity
+from optimum_sparse.auto_loading import load_model_and_tokenizer
 from optimum_sparse.calibration import TokenWindowDataset, load_text, sample_windows, tokenize
-from optimum_sparse.loading import load_model_and_tokenizer
 from optimum_sparse.pg.spaces.wanda_init import layers_of, wanda_metric
 
 HERE = os.path.dirname(os.path.abspath(__file__))

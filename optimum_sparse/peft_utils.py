@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from optimum_sparse.architecture import get_weight
-from optimum_sparse.callbacks import apply_mask_buffers, masked_modules, masked_target, weight_module
+from optimum_sparse.mask_buffers import apply_mask_buffers, masked_modules, masked_target, weight_module
+from optimum_sparse.modeling import SparseModel
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ def merge_and_mask(peft_model: nn.Module, masks=None, **merge_kwargs) -> nn.Modu
     Returns:
         the merged plain transformers model, whose weights are `W + mask * delta`.
     """
-    from optimum_sparse.modeling import SparseModel
-
     if isinstance(masks, SparseModel):
         masks = masks.masks
     if masks is not None and not isinstance(masks, Mapping):

@@ -10,7 +10,7 @@ import torch
 from conftest import ARCHITECTURES, VOCAB_SIZE, build_model, build_tokenizer
 
 from optimum_sparse import load_sliced_model, save_sliced_model
-from optimum_sparse.loading import load_model_and_tokenizer
+from optimum_sparse.auto_loading import load_model_and_tokenizer
 from optimum_sparse.structured.sliced_checkpoint import (
     SLICED_UNITS_KEY,
     is_sliced_checkpoint,

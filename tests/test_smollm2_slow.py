@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import WIKITEXT_VALID
 
+from optimum_sparse.auto_loading import load_model_and_tokenizer
 from optimum_sparse.calibration import load_text, tokenize
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.evaluation import perplexity, sparsity_report
-from optimum_sparse.loading import load_model_and_tokenizer
 from optimum_sparse.sequential import prune
 
 WIKITEXT_TEST = WIKITEXT_VALID.with_name("test.txt")

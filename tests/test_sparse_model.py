@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -280,6 +282,22 @@ def saved(tmp_path):
     return directory
 
 
+def test_loading_a_saved_model_leaves_the_trainer_machinery_unimported(saved):
+    """A fresh interpreter: the Trainer callback modules come only with fine-tuning, not with loading."""
+    code = (
+        "import sys\n"
+        "from optimum_sparse import SparseModel\n"
+        f"sparse = SparseModel.from_pretrained({os.fspath(saved)!r})\n"
+        "assert sparse.masks, 'no masks loaded'\n"
+        "print(sorted(name for name in ('transformers.trainer_callback', 'optimum_sparse.callbacks') "
+        "if name in sys.modules))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not an installed copy
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_loading_rejects_masks_of_another_shape(saved):
     masks = read_masks(saved / MASKS_NAME)
     masks["model.layers.0.mlp.up_proj"] = torch.ones(32, 64, dtype=torch.bool)  # (in, out) instead of (out, in)
@@ -359,7 +377,7 @@ def test_failure_during_save_leaves_the_old_directory_untouched(saved, monkeypat
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("optimum_sparse.modeling.write_masks", fail)
+    monkeypatch.setattr("optimum_sparse.sparse_checkpoint.write_masks", fail)
     with pytest.raises(OSError, match="disk full"):
         _pruned(sparsity=0.7).save_pretrained(saved, compact=True)
     assert _snapshot(saved) == before

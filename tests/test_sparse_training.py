@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 
 from optimum_sparse import SparseFineTuneCallback, SparseModel, SparsityConfig, merge_and_mask
 from optimum_sparse.architecture import get_weight
-from optimum_sparse.callbacks import MASK_BUFFER, masked_modules
+from optimum_sparse.mask_buffers import MASK_BUFFER, masked_modules
 from optimum_sparse.sequential import prune
 
 peft = pytest.importorskip("peft")

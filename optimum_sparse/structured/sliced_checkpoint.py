@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from optimum_sparse.checkpoint import save_directory_atomically
+from optimum_sparse.loading import model_class, restore_generation_config
 from optimum_sparse.structured.slicing import slice_channels
 from optimum_sparse.structured.unit_masks import channel_keep_from_masks
 from optimum_sparse.structured.units import find_channel_groups
@@ -130,8 +131,6 @@ def load_sliced_model(path: str | os.PathLike, dtype: torch.dtype | str | None =
     """The model saved by `save_sliced_model` (or by `save_pretrained` after slicing), in eval mode."""
     from transformers import AutoConfig
 
-    from optimum_sparse.modeling import _model_class, restore_generation_config
-
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory!r} is not a directory holding a sliced checkpoint")
@@ -144,7 +143,7 @@ def load_sliced_model(path: str | os.PathLike, dtype: torch.dtype | str | None =
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with _no_init():
-        model = _model_class(config)._from_config(config, dtype=dtype)
+        model = model_class(config)._from_config(config, dtype=dtype)
     groups = find_channel_groups(model)
     slice_channels(groups, _keep_first(groups, kept))
     tensors = _read_tensors(directory)

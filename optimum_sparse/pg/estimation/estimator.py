@@ -45,11 +45,12 @@ from typing import Protocol
 
 import torch
 
+from optimum_sparse.config import SparsityConfig
+
 #: "fisher": natural-gradient scaling of Bernoulli gradients; "adam": the raw gradient for an adaptive optimizer
 PRECONDITIONERS = ("fisher", "adam")
 #: a stale sample's gradient reweighted by its "joint" ratio, or each unit's by that unit's own factor
 RATIOS = ("joint", "unit")
-from optimum_sparse.config import SparsityConfig
 
 
 class MaskFamily(Protocol):
