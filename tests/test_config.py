@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,67 @@ def test_row_hardening_is_for_per_weight_masks():
     assert SparsityConfig(method="pg", pattern="unstructured", sparsity=0.5, harden_scope="row").harden_scope == "row"
     with pytest.raises(ValueError, match="harden_scope='row' is for per-weight masks"):
         SparsityConfig(method="pg", pattern="channels", sparsity=0.5, harden_scope="row")
+
+
+# ---------------------------------------------------------------------------- method settings
+
+#: sparsity_config.json files written by the version before settings moved into the solvers (every
+#: method's settings in each file), and the configs they were written from, spelled as users spell them
+LEGACY = Path(__file__).resolve().parent / "data" / "legacy_configs"
+LEGACY_SPELLINGS = {
+    "wanda_2of4": dict(method="wanda", pattern="2:4", num_samples=32, seq_len=512),
+    "admm_rho2": dict(method="admm", sparsity=0.6, admm_rho=2, admm_iterations=30),
+    "sparsegpt_block64": dict(method="sparsegpt", sparsity=0.5, block_size=64, dampening=0.05),
+    "wanda_admm_refit": dict(method="wanda", sparsity=0.6, weight_update="admm", admm_cg_steps=4),
+    "sparsellm_inner_sparsegpt": dict(method="sparsellm", sparsity=0.7, inner_solver="sparsegpt", beta=50.0),
+    "pg_channels_block": dict(
+        method="pg", pattern="channels", sparsity=0.3, pg_objective="block", samples_per_step=2, pg_block_lr=0.01
+    ),
+    "magnitude_ties": dict(method="magnitude", sparsity=0.7, prune_ties=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEGACY_SPELLINGS))
+def test_files_written_by_the_previous_version_load_to_the_same_config(name, caplog):
+    with caplog.at_level(logging.WARNING):
+        loaded = SparsityConfig.from_pretrained(LEGACY / f"{name}.json")
+    assert loaded == SparsityConfig(**LEGACY_SPELLINGS[name])
+    assert caplog.text == ""  # the other methods' settings it holds are defaults: dropped silently
+    written = json.loads((LEGACY / f"{name}.json").read_text())
+    assert all(written[key] == value for key, value in loaded.to_dict().items())
+
+
+def test_a_setting_of_a_method_the_run_does_not_use_names_that_method():
+    with pytest.raises(ValueError, match=r"admm_iterations is a setting of method 'admm', which this run does not use"):
+        SparsityConfig(method="wanda", admm_iterations=10)
+    with pytest.raises(ValueError, match=r"block_size is a setting of method 'sparsegpt'"):
+        SparsityConfig(method="sparsellm", block_size=64)  # inner solver admm
+    # the same settings are accepted where the run uses their method
+    assert SparsityConfig(method="wanda", weight_update="admm", admm_iterations=20).admm_iterations == 20
+    assert SparsityConfig(method="sparsellm", inner_solver="sparsegpt", block_size=64).block_size == 64
+
+
+def test_an_unknown_setting_is_a_type_error_with_a_suggestion():
+    with pytest.raises(TypeError, match=r"no setting 'admm_rh' \(did you mean 'admm_rho'\?\)"):
+        SparsityConfig(method="admm", admm_rh=2)
+
+
+def test_settings_read_and_assign_flat_and_replace_drops_what_the_new_method_does_not_use():
+    config = SparsityConfig(method="admm", admm_rho=2)
+    assert config.admm_rho == 2 and config.settings["admm_rho"] == 2
+    config.admm_rho = 3
+    assert config.to_dict()["admm_rho"] == 3
+    with pytest.raises(ValueError, match="admm_rho must be > 0"):
+        config.admm_rho = -1
+    wanda = config.replace(method="wanda")
+    assert "admm_rho" not in wanda.settings and wanda.method == "wanda"
+    with pytest.raises(ValueError, match="admm_rho is a setting of method 'admm'"):
+        config.replace(method="wanda", admm_rho=2)
+
+
+def test_a_file_with_settings_of_a_replaced_method_warns_and_drops_them(caplog):
+    data = {**SparsityConfig(method="admm", admm_rho=2).to_dict(), "method": "wanda"}
+    with caplog.at_level(logging.WARNING, logger="optimum_sparse.config"):
+        config = SparsityConfig.from_dict(data)
+    assert config.method == "wanda" and "admm_rho" not in config.settings
+    assert "admm_rho" in caplog.text

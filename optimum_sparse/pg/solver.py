@@ -144,6 +144,8 @@ class PolicyGradientSolver(Solver):
     requires_calibration = True
     patterns = ("unstructured", "n:m", "channels")
     options = PG_OPTIONS
+    #: the LM objective runs in a Trainer (SparsityCallback); prune() learns block by block
+    smoke_settings = {"pg_objective": "block", "pg_block_steps": 4, "samples_per_step": 2}
 
     @classmethod
     def uses(cls, settings: dict[str, Any]) -> Sequence[str]:

@@ -348,6 +348,7 @@ class AdmmSolver(Solver):
     requires_hessian = True
     can_refit = True
     default_scope = "row"
+    smoke_settings = {"admm_iterations": 4, "admm_gradual_steps": 3}
     options = (
         DAMPENING,
         Option(

@@ -79,14 +79,34 @@ class LayerResult:
 
 
 class BlockView(Protocol):
-    """What a solver sees of the block being pruned (the engine's `BlockContext` provides it)."""
+    """What a solver sees of the block being pruned (the engine's `BlockContext` provides it).
+
+    Solvers are written against this view, not the engine, so that the engine may change how it runs
+    blocks (devices, batching, offloading) without touching a method.
+    """
 
     block: nn.Module
     index: int
+    #: the block's full module name (e.g. "model.layers.3")
+    name: str
     layers: list[PrunableLayer]
     device: torch.device
+    #: the run's weight update (`weight_update`), applied by `prune_layer` after the mask is chosen
+    refit: Solver | None
+    #: the model's config (head counts and other architecture facts), if it has one
+    model_config: object | None
     #: {layer name: keep-mask} in weight-update-only mode (`refit_weights`), else None
     fixed_masks: dict[str, torch.Tensor] | None
+
+    @property
+    def num_tokens(self) -> int:
+        """Calibration tokens flowing through the block."""
+
+    def capture(self, modules: dict[str, nn.Module], dtype: torch.dtype = ..., **kwargs: Any) -> dict[str, tuple]:
+        """{name: (inputs, outputs)} of `modules` over the calibration windows, as (tokens x features) tensors."""
+
+    def write(self, layer: PrunableLayer, outcome: LayerResult, stats: LayerStatistics | None = None) -> None:
+        """Write weights the solver computed itself, checking them and recording the mask."""
 
     def groups(self, layers: list[PrunableLayer] | None = None) -> list[list[PrunableLayer]]:
         """Layers grouped by shared input tensor (q/k/v; gate/up), in call order."""
@@ -108,6 +128,8 @@ class Solver(ABC):
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "n:m")
     #: offers `refit_layer` as a weight update after any method's masks (`weight_update=<name>`)
     can_refit: ClassVar[bool] = False
+    #: settings of a quick run that `prune()` accepts (few iterations): what the contract tests run
+    smoke_settings: ClassVar[dict[str, Any]] = {}
     #: needs calibration inputs at all (magnitude does not: no forward pass is run for it)
     requires_calibration: bool = True
     #: needs H = X^T X (else only the column norms are accumulated)

@@ -659,6 +659,7 @@ class SparseLLMSolver(Solver):
     """
 
     requires_hessian = True
+    smoke_settings = {"sparsellm_iterations": 1, "admm_iterations": 4, "admm_gradual_steps": 3}
     options = (
         DAMPENING,
         Option("sparsellm_iterations", 4, "alternating rounds of the joint MLP pruning", positive_int()),
