@@ -1,4 +1,4 @@
-"""Run by tests/test_pg_distributed.py under `torchrun --nproc_per_node 2`: mask learning with DDP on the CPU.
+"""Run by tests/pg/trainer/test_pg_distributed.py under `torchrun --nproc_per_node 2`: mask learning with DDP on the CPU.
 
 Trains a tiny random Llama's channel scores with `SparsityCallback` in a plain Trainer (gloo backend)
 and saves, per rank, the scores after the (synchronised) initialisation, the final scores and the
