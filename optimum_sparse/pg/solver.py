@@ -172,9 +172,6 @@ class PolicyGradientSolver(Solver):
             return super().prune_block(context)
         return learn_block_masks(context, self.config, self)
 
-    def prune_layer(self, weight: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
-        raise ValueError("pg_objective='block' learns the masks of a whole block at once (prune_block)")
-
     def refit_layer(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
         """The learned mask applied to the weights as they are (no weight update of its own)."""
         mask = mask.to(weight.device, torch.bool)

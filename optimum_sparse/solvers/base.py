@@ -14,7 +14,6 @@ See docs/adding_a_method.md.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -118,7 +117,7 @@ class BlockView(Protocol):
         """Prune (or, on a fixed mask, refit) one layer with `solver`, then the run's weight update; record it."""
 
 
-class Solver(ABC):
+class Solver:
     """Base class of pruning methods; see the module docstring."""
 
     name: str = ""
@@ -141,6 +140,11 @@ class Solver(ABC):
 
     def __init__(self, config: SparsityConfig):
         self.config = config
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.prune_layer is Solver.prune_layer and cls.prune_block is Solver.prune_block:
+            raise TypeError(f"{cls.__name__} must implement prune_layer (one layer) or prune_block (a whole block)")
 
     @classmethod
     def uses(cls, settings: dict[str, Any]) -> Sequence[str]:
@@ -187,9 +191,13 @@ class Solver(ABC):
             for layer in (layer for group in pass_groups for layer in group):
                 context.prune_layer(layer, stats.pop(layer.name), solver or self)
 
-    @abstractmethod
     def prune_layer(self, weight: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
-        """Prune one layer. `weight` is a float32 (out, in) copy the solver may modify."""
+        """Prune one layer. `weight` is a float32 (out, in) copy the solver may modify.
+
+        Methods that only prune whole blocks (pg's block objective) override `prune_block` instead and
+        leave this one, so a call here says which it is.
+        """
+        raise NotImplementedError(f"method {self.name!r} prunes whole blocks (prune_block), not single layers")
 
     def refit_layer(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
         """Weight-update-only mode: keep `mask` fixed and refit the kept weights (if the method can)."""

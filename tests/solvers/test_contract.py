@@ -99,3 +99,12 @@ def test_weight_update_methods_refit_any_mask_without_moving_it(method, windows)
     moved = [name for name in masks if not torch.equal(get_weight(model.get_submodule(name)), before[name])]
     assert moved, "the refit changed no weight"
     assert all(bool((get_weight(model.get_submodule(n))[~masks[n]] == 0).all()) for n in masks)
+
+
+def test_a_solver_must_prune_a_layer_or_a_block():
+    from optimum_sparse.solvers import Solver
+
+    with pytest.raises(TypeError, match="must implement prune_layer .* or prune_block"):
+
+        class Nothing(Solver):  # noqa: F841 - the class statement itself fails
+            pass
