@@ -2,9 +2,8 @@
 
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.evaluation import perplexity, sparsity_report
-
-# mask learning registers method "pg" (its Trainer callback stays lazy, below)
-from optimum_sparse.pg import solver as _pg_solver  # noqa: E402,F401,I001
+from optimum_sparse.lazy import lazy_exports
+from optimum_sparse.pg import solver as _pg_solver  # noqa: F401  registers method "pg"
 from optimum_sparse.refit import refit_weights
 from optimum_sparse.sequential import PruningResult, prune
 from optimum_sparse.solvers import available_methods, register_solver
@@ -22,19 +21,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'optimum_sparse' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 __all__ = [
     "PruningResult",

@@ -21,7 +21,7 @@ import transformers' Trainer machinery (only `SparsityCallback` / `build_space` 
 
 from __future__ import annotations
 
-import importlib
+from optimum_sparse.lazy import lazy_exports
 
 _LAZY = {
     "SparsityCallback": "optimum_sparse.pg.trainer.callback",
@@ -42,17 +42,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'optimum_sparse.pg' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 __all__ = [
     "BernoulliMasks",
