@@ -7,8 +7,7 @@ from optimum_sparse.pg import solver as _pg_solver  # noqa: F401  registers meth
 from optimum_sparse.refit import refit_weights
 from optimum_sparse.sequential import PruningResult, prune
 from optimum_sparse.solvers import available_methods, register_solver
-
-__version__ = "0.1.0"
+from optimum_sparse.version import __version__
 
 # imported on first use: they pull in transformers' Trainer utilities (and PEFT when installed)
 _LAZY = {

@@ -367,6 +367,8 @@ class BlockContext:
         On fixed masks the layer's given mask is refitted instead (by the weight update, else `solver`).
         """
         mask = self.fixed_masks.get(layer.name) if self.fixed_masks is not None else None
+        if self.fixed_masks is not None and mask is None:
+            raise ValueError(f"{layer.name} has no fixed mask: in weight-update-only mode only masked layers change")
         return prune_and_write(layer, stats, solver, self.refit, mask, self.device, self.result)
 
     def write(self, layer: PrunableLayer, outcome: LayerResult, stats: LayerStatistics | None = None) -> None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from optimum_sparse import registry
+from optimum_sparse.options import positive_int
+from optimum_sparse.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +64,6 @@ def parse_nm(pattern: str) -> tuple[int, int]:
     return n, m
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 @dataclass(init=False)
 class SparsityConfig:
     """Configuration of a pruning run.
@@ -89,7 +86,8 @@ class SparsityConfig:
         device: where blocks are processed ("auto": CUDA if present, else CPU).
         weight_update: a method that refits the kept weights after any method's mask selection
             ("admm").
-        **settings: the settings of the methods the run uses (`method`, `weight_update`, and what
+        settings: the same, as a dict (what `dataclasses.replace` and `asdict` hand back).
+        **method_settings: the settings of the methods the run uses (`method`, `weight_update`, and what
             they call, such as SparseLLM's inner solver), each documented where its method declares
             it (`optimum_sparse.solvers.<method>`; `available_settings()` lists them all). A setting
             of a method the run does not use is an error naming that method.
@@ -119,13 +117,15 @@ class SparsityConfig:
         targets: list[str] | None = None,
         ignore: list[str] | None = None,
         mask_scope: str | None = None,
+        *,
         num_samples: int = 128,
         seq_len: int = 2048,
         seed: int = 0,
         sequential_update: bool = False,
         device: str = "auto",
         weight_update: str | None = None,
-        **settings: Any,
+        settings: dict[str, Any] | None = None,
+        **method_settings: Any,
     ) -> None:
         values = dict(locals())
         for name in _COMMON_FIELDS:
@@ -133,8 +133,9 @@ class SparsityConfig:
         object.__setattr__(self, "ignore", [] if ignore is None else ignore)
         object.__setattr__(self, "settings", {})
         self._validate_common()
-        self._resolve_settings(settings)
+        self._resolve_settings({**(settings or {}), **method_settings})
         self._validate_selection()
+        object.__setattr__(self, "_ready", True)
 
     # ------------------------------------------------------------------ validation
     def _validate_common(self) -> None:
@@ -152,13 +153,11 @@ class SparsityConfig:
         if self.mask_scope not in (None, "row", "layer"):
             raise ValueError(f"mask_scope must be None, 'row' or 'layer', got {self.mask_scope!r}")
         for name in ("num_samples", "seq_len"):
-            _positive_int(name, getattr(self, name))
+            positive_int()(name, getattr(self, name))
         refitters = [name for name in methods if getattr(registry.get_solver_class(name), "can_refit", False)]
         if self.weight_update is not None and self.weight_update not in refitters:
-            raise ValueError(
-                f"weight_update must be None or a method that refits kept weights ({', '.join(map(repr, refitters))}), "
-                f"got {self.weight_update!r}"
-            )
+            choices = " or ".join(map(repr, refitters))
+            raise ValueError(f"weight_update must be None or {choices}, got {self.weight_update!r}")
 
     def _normalise_pattern(self) -> None:
         if isinstance(self.pattern, str) and self.pattern.strip().lower() == "unstructured":
@@ -235,10 +234,19 @@ class SparsityConfig:
         raise AttributeError(f"{type(self).__name__!s} has no attribute or setting {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _COMMON_FIELDS or name == "settings" or registry.find_option(name) is None:
+        # after construction an assignment is checked like a constructor argument, and changing the
+        # method (or an inner solver) re-selects the settings the run holds
+        known = name in _COMMON_FIELDS or registry.find_option(name) is not None
+        if not self.__dict__.get("_ready") or not known:
             object.__setattr__(self, name, value)
             return
-        self.settings.update(self.replace(**{name: value}).settings)
+        self.__dict__.update({k: v for k, v in self.replace(**{name: value}).__dict__.items() if k != "_ready"})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle, also a config pickled by a version that kept every setting as a field."""
+        if "settings" not in state:
+            state = SparsityConfig.from_dict(state).__dict__
+        self.__dict__.update(state)
 
     def replace(self, **changes: Any) -> SparsityConfig:
         """A copy with `changes` applied; settings of methods the new run no longer uses are dropped."""
@@ -290,9 +298,10 @@ class SparsityConfig:
                 f"({FORMAT_VERSION}); upgrade optimum-sparse"
             )
         owners = registry.option_owners()
-        unknown = sorted(set(data) - set(_COMMON_FIELDS) - set(owners) - set(METADATA_KEYS))
+        unknown = sorted(set(data) - set(_COMMON_FIELDS) - set(owners) - set(METADATA_KEYS) - {"settings"})
         if unknown:
             logger.warning("ignoring unknown sparsity config keys %s (written by a newer version?)", unknown)
+        data = {**(data.pop("settings", None) or {}), **data}  # the nested form of dataclasses.asdict too
         common = {k: v for k, v in data.items() if k in _COMMON_FIELDS}
         given = {k: v for k, v in data.items() if k in owners}
         unused = _unused_settings(common, given)
@@ -308,7 +317,7 @@ class SparsityConfig:
         """Write `sparsity_config.json` (plus optional metadata such as measured sparsity)."""
         os.makedirs(save_directory, exist_ok=True)
         payload = {**self.to_dict(), "format_version": FORMAT_VERSION, **metadata}
-        payload.setdefault("library_version", library_version())
+        payload.setdefault("library_version", __version__)
         path = os.path.join(save_directory, CONFIG_NAME)
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=2, sort_keys=True)
@@ -343,21 +352,3 @@ def _unused_settings(common: dict[str, Any], given: dict[str, Any]) -> set[str]:
 
 def _patterns_of(method: str) -> tuple[str, ...]:
     return tuple(getattr(registry.get_solver_class(method), "patterns", ()))
-
-
-def available_settings() -> dict[str, str]:
-    """{setting: "method(s): one-line doc"} for every registered method, e.g. for `--set` help."""
-    described: dict[str, str] = {}
-    for name, methods in registry.option_owners().items():
-        described[name] = f"{', '.join(methods)}: {registry.find_option(name).doc}"
-    return dict(sorted(described.items()))
-
-
-def library_version() -> str:
-    """The installed optimum-sparse version (as packaged), for the files the library writes."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("optimum-sparse")
-    except PackageNotFoundError:
-        return "0+unknown"

@@ -109,8 +109,9 @@ def prune(
                 name=f"{blocks_name}.{index}",
                 fixed_masks=fixed_masks,
             )
-            report = solver.prune_block(context)
-            if report is not None:
+            if fixed_masks is not None:
+                solver.refit_block(context)
+            elif (report := solver.prune_block(context)) is not None:
                 result.block_reports[index] = report
             if inputs is not None:
                 with torch.no_grad():

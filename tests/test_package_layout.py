@@ -14,12 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "optimum_sparse"
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 def _private_imports(path: Path) -> list[str]:
     """`from optimum_sparse.x import _name` anywhere in the file (function-level imports included)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("optimum_sparse"):
-            found += [f"{path.relative_to(ROOT)}:{node.lineno} {alias.name}" for alias in node.names if alias.name.startswith("_")]
+            found += [f"{path.relative_to(ROOT)}:{node.lineno} {alias.name}" for alias in node.names if _private(alias.name)]
     return found
 
 

@@ -23,7 +23,6 @@ from optimum_sparse.options import (
     one_of,
     positive_int,
 )
-from optimum_sparse.pg.block_objective import learn_block_masks
 from optimum_sparse.pg.estimation.estimator import PRECONDITIONERS, RATIOS
 from optimum_sparse.registry import register_solver
 from optimum_sparse.solvers.base import LayerResult, LayerStatistics, Solver
@@ -167,9 +166,9 @@ class PolicyGradientSolver(Solver):
             )
         super().__init__(config)
 
-    def prune_block(self, context) -> object | None:
-        if context.fixed_masks is not None:
-            return super().prune_block(context)
+    def prune_block(self, context) -> object:
+        from optimum_sparse.pg.block_objective import learn_block_masks  # the spaces, loaded when used
+
         return learn_block_masks(context, self.config, self)
 
     def refit_layer(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:

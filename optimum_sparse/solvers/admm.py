@@ -37,7 +37,7 @@ import torch
 
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.masks import nm_mask, num_pruned, topk_mask
-from optimum_sparse.options import Option, boolean, non_negative_int, one_of, optional_positive, positive_int
+from optimum_sparse.options import Option, non_negative_int, optional_positive, positive_int
 from optimum_sparse.registry import register_solver
 from optimum_sparse.solvers.base import DAMPENING, LayerResult, LayerStatistics, Solver
 
@@ -337,6 +337,12 @@ def _run_admm(
     return z, keep
 
 
+def _init(name: str, value: object) -> object:
+    if value not in ("magnitude", "wanda"):
+        raise ValueError(f"{name} must be 'magnitude' or 'wanda', got {value!r}")
+    return value
+
+
 @register_solver("admm")
 class AdmmSolver(Solver):
     """ADMM pruning with gradual mask selection (Boža 2024, arXiv 2401.02938).
@@ -375,13 +381,8 @@ class AdmmSolver(Solver):
             "conjugate-gradient steps on the final support after ADMM (0 turns the polish off)",
             non_negative_int("0: no CG polish"),
         ),
-        Option("gradual", True, "re-choose the mask while the sparsity grows (else it is chosen once)", boolean()),
-        Option(
-            "mask_init",
-            "magnitude",
-            "first scores: 'magnitude' (|W| after input normalisation) or 'wanda'",
-            one_of(("magnitude", "wanda")),
-        ),
+        Option("gradual", True, "re-choose the mask while the sparsity grows (else it is chosen once)"),
+        Option("mask_init", "magnitude", "first scores: 'magnitude' (|W| after input normalisation) or 'wanda'", _init),
     )
 
     @classmethod

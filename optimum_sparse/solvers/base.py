@@ -14,6 +14,7 @@ See docs/adding_a_method.md.
 
 from __future__ import annotations
 
+from abc import ABC
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -143,7 +144,8 @@ class Solver:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.prune_layer is Solver.prune_layer and cls.prune_block is Solver.prune_block:
+        abstract = ABC in cls.__bases__  # an intermediate base class (class Mine(Solver, ABC)) may defer both
+        if not abstract and cls.prune_layer is Solver.prune_layer and cls.prune_block is Solver.prune_block:
             raise TypeError(f"{cls.__name__} must implement prune_layer (one layer) or prune_block (a whole block)")
 
     @classmethod
@@ -168,12 +170,18 @@ class Solver:
     def prune_block(self, context: BlockView) -> Any:
         """Prune one block; the engine calls this for every block. Returns a report or None.
 
-        The default prunes the block's layers one by one (`prune_groups`). On fixed masks
-        (`context.fixed_masks`) every method refits layer by layer, so overrides start with
-        `if context.fixed_masks is not None: return super().prune_block(context)`.
+        The default prunes the block's layers one by one (`prune_groups`); joint methods override it.
         """
         self.prune_groups(context, context.groups())
         return None
+
+    def refit_block(self, context: BlockView) -> None:
+        """Refit the block's layers on their fixed masks (`context.fixed_masks`), one by one.
+
+        The engine calls this instead of `prune_block` in weight-update-only mode (`refit_weights`):
+        with the masks given there is nothing to choose jointly, whatever the method.
+        """
+        self.prune_groups(context, context.groups())
 
     def prune_groups(self, context: BlockView, groups: list[list[PrunableLayer]], solver: Solver | None = None) -> None:
         """Collect statistics and prune each layer of `groups` with `solver` (default: this one).

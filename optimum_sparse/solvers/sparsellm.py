@@ -720,8 +720,6 @@ class SparseLLMSolver(Solver):
     # ------------------------------------------------------------------ block level
     def prune_block(self, context) -> MlpReport | None:
         """Prune `context.block`: non-MLP layers with the inner solver, then the MLP jointly."""
-        if context.fixed_masks is not None:
-            return super().prune_block(context)
         groups = context.groups()
         mlp = self._detect(context, groups)
         if mlp is not None:
