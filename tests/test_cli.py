@@ -141,6 +141,9 @@ def test_config_file_method_and_options_survive_the_default_flags(tmp_path):
         parser.parse_args(["prune", "--config", os.fspath(tmp_path / "cfg"), "--method", "sparsegpt"])
     )
     assert flagged.method == "sparsegpt" and flagged.dampening == 0.1
+    # a method that reads neither setting does not inherit them from the file
+    wanda = cli.config_from_args(parser.parse_args(["prune", "--config", os.fspath(tmp_path / "cfg"), "--method", "wanda"]))
+    assert wanda.method == "wanda" and "dampening" not in wanda.settings and "admm_rho" not in wanda.settings
     assert cli.config_from_args(parser.parse_args(["prune"])).method == "sparsegpt"
 
 

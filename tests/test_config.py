@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -237,6 +240,9 @@ LEGACY_SPELLINGS = {
         method="pg", pattern="channels", sparsity=0.3, pg_objective="block", samples_per_step=2, pg_block_lr=0.01
     ),
     "magnitude_ties": dict(method="magnitude", sparsity=0.7, prune_ties=True),
+    "pg_final_admm": dict(
+        method="pg", sparsity=0.5, final_weight_update="admm", admm_iterations=30, admm_rho=0.5, refresh_every=4, clip=3.0
+    ),
 }
 
 
@@ -284,3 +290,32 @@ def test_a_file_with_settings_of_a_replaced_method_warns_and_drops_them(caplog):
         config = SparsityConfig.from_dict(data)
     assert config.method == "wanda" and "admm_rho" not in config.settings
     assert "admm_rho" in caplog.text
+
+
+def test_copies_pickles_and_dataclass_helpers_keep_settings_apart_and_whole():
+    config = SparsityConfig(method="sparsellm", sparsity=0.7)
+    twin = copy.copy(config)
+    twin.admm_rho = 5
+    assert config.admm_rho is None and twin.admm_rho == 5
+    assert pickle.loads(pickle.dumps(twin)) == twin
+    assert dataclasses.replace(twin, seed=3).seed == 3
+    assert SparsityConfig.from_dict(dataclasses.asdict(twin)) == twin
+
+
+def test_changing_the_inner_solver_or_weight_update_reselects_the_settings():
+    config = SparsityConfig(method="sparsellm", sparsity=0.7)
+    config.inner_solver = "sparsegpt"
+    assert "block_size" in config.settings and "admm_rho" not in config.settings
+    assert SparsityConfig.from_dict(config.to_dict()) == config
+    config.weight_update = "admm"
+    assert config.admm_iterations == 20 and "admm_iterations" in config.settings
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        config.sparsity = 2
+
+
+def test_a_config_pickled_by_the_previous_version_unpickles():
+    """That version kept every setting of every method as a field of the dataclass."""
+    state = {**SparsityConfig(method="admm")._common(), "admm_rho": 3, "block_size": 128, "refresh_every": 1}
+    config = SparsityConfig.__new__(SparsityConfig)
+    config.__setstate__(state)
+    assert config == SparsityConfig(method="admm", admm_rho=3)

@@ -10,7 +10,6 @@ from optimum_sparse import SparsityCallback, SparsityConfig, prune
 from optimum_sparse.architecture import get_weight
 from optimum_sparse.calibration import sample_windows, tokenize
 from optimum_sparse.masks import is_valid_nm
-from optimum_sparse.solvers import get_solver_class
 from optimum_sparse.structured.sliced_checkpoint import slice_pruned_channels
 from optimum_sparse.structured.unit_masks import channel_keep_from_masks, unit_weight_masks
 from optimum_sparse.structured.units import find_channel_groups, unit_costs
@@ -24,24 +23,6 @@ def _config(**kwargs) -> SparsityConfig:
     return SparsityConfig(**settings)
 
 
-def _solver_of(model, config, windows):
-    """Run prune() and return the solver instance it used (to read its per-block reports)."""
-    used = {}
-    original = get_solver_class("pg").__init__
-
-    def spy(self, cfg):
-        original(self, cfg)
-        used["solver"] = self
-
-    cls = get_solver_class("pg")
-    cls.__init__ = spy
-    try:
-        result = prune(model, config, windows, show_progress=False)
-    finally:
-        cls.__init__ = original
-    return result, used["solver"]
-
-
 def test_block_objective_gives_exact_sparsity_and_lowers_the_block_error_of_its_wanda_start(
     tokenizer, calibration_text
 ):
@@ -49,7 +30,7 @@ def test_block_objective_gives_exact_sparsity_and_lowers_the_block_error_of_its_
     windows = sample_windows(tokenize(calibration_text, tokenizer), 16, SEQ_LEN, seed=0)
     model = build_model("llama")
     config = _config(num_samples=16, pg_block_steps=100, refresh_every=2)
-    result, solver = _solver_of(model, config, windows)
+    result = prune(model, config, windows, show_progress=False)
     assert result.masks and all(s == pytest.approx(0.5, abs=1e-3) for s in result.layer_sparsity.values())
     for name, mask in result.masks.items():
         weight = get_weight(model.get_submodule(name))
@@ -87,7 +68,7 @@ def test_block_objective_channels_remove_whole_units_at_each_blocks_budget(arch,
     windows = sample_windows(tokenize(calibration_text, tokenizer), 8, SEQ_LEN, seed=0)
     model = build_model(arch)
     config = _config(pattern="channels", sparsity=0.4, num_samples=8, pg_block_steps=30, samples_per_step=2)
-    result, solver = _solver_of(model, config, windows)
+    result = prune(model, config, windows, show_progress=False)
     groups = find_channel_groups(model)
     assert len(result.masks) == sum(len(g.slices) for g in groups)
     keep = channel_keep_from_masks(groups, result.masks)  # the unit mask must explain every layer's mask
