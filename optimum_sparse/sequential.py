@@ -67,6 +67,7 @@ def prune(
     per_block = find_prunable_layers(model, config)  # validates targets / N:M before any work
     blocks_name, blocks = find_blocks(model)
     solver = get_solver_class(config.method)(config)
+    solver.check_model(model)
     refit = get_solver_class(config.weight_update)(config) if config.weight_update else None
     needs_data = solver.requires_calibration or refit is not None or fixed_masks is not None
     with_hessian = (

@@ -112,6 +112,34 @@ def test_prune_learned_channels_then_slice_save_and_eval_the_smaller_model(saved
     assert _last_json(capsys.readouterr().out)["ppl"] == pytest.approx(record["ppl"], rel=1e-5)
 
 
+def test_uniform_widths_flag_slices_to_a_checkpoint_plain_transformers_loads(saved_llama, text_file, tmp_path, capsys):
+    output = tmp_path / "standard"
+    extra = ["--method", "pg", "--sparsity", "0.4", "--set", "pattern=channels", "pg_objective=block", "pg_block_steps=3"]
+    extra += ["--uniform-widths", "--slice", "--output", os.fspath(output), "--json"]
+    assert cli.main(_prune_args(saved_llama, text_file, *extra)) == 0
+    assert _last_json(capsys.readouterr().out)["parameters_sliced"] < 0.8 * _parameter_count(saved_llama)
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(output)  # no code of ours
+    widths = {plain.model.layers[i].mlp.down_proj.in_features for i in range(len(plain.model.layers))}
+    assert widths == {plain.config.intermediate_size} and plain.config.intermediate_size < 64
+
+
+def test_uniform_widths_flag_refuses_an_unsupported_architecture_before_loading_calibration(tmp_path, text_file, capsys):
+    from conftest import build_model
+
+    build_model("opt").save_pretrained(tmp_path / "opt")
+    extra = ["--method", "pg", "--set", "pattern=channels", "pg_objective=block", "--uniform-widths"]
+    assert cli.main(_prune_args(os.fspath(tmp_path / "opt"), text_file, *extra)) == 2
+    assert "uniform_widths writes a standard checkpoint for the model types" in capsys.readouterr().err
+
+
+def _parameter_count(model_dir: str) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+
+
 def test_slice_needs_channel_masks(saved_llama, text_file, capsys):
     assert cli.main(_prune_args(saved_llama, text_file, "--method", "wanda", "--slice")) == 2
     assert "--set pattern=channels" in capsys.readouterr().err

@@ -64,7 +64,9 @@ def _channel_space(context: BlockContext, config: SparsityConfig) -> ChannelSpac
             "leave `targets` / `ignore` at their defaults"
         )
     capacity = config.samples_per_step + 1
-    return ChannelSpace(None, config.sparsity, "global", config.pg_submodels, capacity, groups=groups)
+    return ChannelSpace(
+        None, config.sparsity, "global", config.pg_submodels, capacity, groups=groups, uniform=config.uniform_widths
+    )
 
 
 def _space(context: BlockContext, config: SparsityConfig) -> MaskSpace:

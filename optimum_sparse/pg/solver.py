@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.options import (
@@ -26,6 +27,7 @@ from optimum_sparse.options import (
 from optimum_sparse.pg.estimation.estimator import PRECONDITIONERS, RATIOS
 from optimum_sparse.registry import register_solver
 from optimum_sparse.solvers.base import LayerResult, LayerStatistics, Solver
+from optimum_sparse.structured.uniform import check_standard_shape_architecture
 
 
 def _clip(name: str, value: Any) -> float:
@@ -127,6 +129,13 @@ PG_OPTIONS = (
         one_of(("global", "layer", "row")),
     ),
     Option(
+        "uniform_widths",
+        False,
+        "(channels) every block keeps the same number of MLP channels and of KV groups, so the sliced model is "
+        "a standard checkpoint that plain transformers and llama.cpp load (Llama, Mistral, Qwen2/3, Gemma)",
+        boolean(),
+    ),
+    Option(
         "pg_submodels",
         "sliced",
         "'sliced': each sampled sub-model built once and reused while stale (channels as smaller dense layers, "
@@ -156,6 +165,12 @@ class PolicyGradientSolver(Solver):
             raise ValueError("layer_sharing applies to pattern 'channels' (its layer groups); set it to 0")
         if config.harden_scope == "row" and config.pattern == "channels":
             raise ValueError("harden_scope='row' is for per-weight masks; channel masks harden 'global' or per 'layer'")
+        if config.uniform_widths and config.pattern != "channels":
+            raise ValueError("uniform_widths applies to pattern 'channels' (whole channels and KV groups)")
+
+    def check_model(self, model: nn.Module) -> None:
+        if self.config.uniform_widths:
+            check_standard_shape_architecture(model)
 
     def __init__(self, config: SparsityConfig):
         if config.pg_objective != "block":

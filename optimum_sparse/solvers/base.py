@@ -167,6 +167,10 @@ class Solver:
         """The config's `dampening`, or this method's default when it is None."""
         return self.config.dampening if self.config.dampening is not None else self.default_dampening
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse, before any work, a model this run cannot prune (a ValueError naming the fix)."""
+        return None
+
     def prune_block(self, context: BlockView) -> Any:
         """Prune one block; the engine calls this for every block. Returns a report or None.
 

@@ -10,7 +10,9 @@ in order) and loads the saved tensors, which must then fit exactly.
 
 Plain `AutoModelForCausalLM.from_pretrained(dir)` cannot read such a checkpoint (the tensor shapes
 disagree with the config), which is why `load_model_and_tokenizer` and the CLI route directories whose
-config carries `sliced_units` through `load_sliced_model`.
+config carries `sliced_units` through `load_sliced_model`. When every block kept the same widths
+(`uniform_widths=True`) the config's own fields are set to them as well (`structured.uniform`): the
+checkpoint is then an ordinary one that plain transformers loads, and `load_sliced_model` still does.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from torch import nn
 from optimum_sparse.checkpoint import save_directory_atomically
 from optimum_sparse.loading import model_class, restore_generation_config
 from optimum_sparse.structured.slicing import slice_channels
+from optimum_sparse.structured.uniform import set_standard_shape
 from optimum_sparse.structured.unit_masks import channel_keep_from_masks
-from optimum_sparse.structured.units import find_channel_groups
+from optimum_sparse.structured.units import ChannelGroup, find_channel_groups
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +42,19 @@ _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 
 
-def record_sliced_units(model: nn.Module, kept_counts: dict[str, int]) -> None:
-    """Remember the kept unit counts in `model.config`, so that `save_pretrained` writes them."""
+def record_sliced_units(
+    model: nn.Module, kept_counts: dict[str, int], groups: list[ChannelGroup] | None = None
+) -> bool:
+    """Remember the kept unit counts in `model.config`, so that `save_pretrained` writes them.
+
+    With the sliced `groups` given, a model whose blocks all kept the same widths also gets them in its
+    config's standard fields (intermediate_size, head counts, head_dim). Returns whether it did.
+    """
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError("a sliced model needs a transformers config to record its widths in")
     setattr(config, SLICED_UNITS_KEY, {name: int(count) for name, count in kept_counts.items()})
+    return groups is not None and set_standard_shape(model, groups, kept_counts)
 
 
 def slice_pruned_channels(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -53,7 +63,8 @@ def slice_pruned_channels(model: nn.Module, masks: dict[str, torch.Tensor]) -> d
     groups = find_channel_groups(model)
     keep = channel_keep_from_masks(groups, masks)
     kept = slice_channels(groups, keep)
-    record_sliced_units(model, kept)
+    if record_sliced_units(model, kept, groups):
+        logger.info("every block kept the same widths: the config describes the sliced model (standard shape)")
     return kept
 
 

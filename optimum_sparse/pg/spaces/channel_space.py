@@ -28,6 +28,7 @@ from optimum_sparse.pg.spaces.space import MaskSpace
 from optimum_sparse.pg.submodels.instances import SlicedSubModels
 from optimum_sparse.pg.submodels.masking import ChannelMasker
 from optimum_sparse.structured.slicing import slice_channels
+from optimum_sparse.structured.uniform import uniform_counts
 from optimum_sparse.structured.unit_masks import channel_keep_from_masks, unit_weight_masks
 from optimum_sparse.structured.units import ChannelGroup, find_channel_groups, unit_costs
 
@@ -42,6 +43,9 @@ class ChannelSpace(MaskSpace):
         submodels: "sliced" (smaller layers swapped in, `capacity` of them cached) or "masked" (hooks).
         capacity: how many sliced sub-models stay cached (samples per step plus one for the hard mask).
         groups: the channel groups to cover instead of the whole model's (e.g. one block's, offsets from 0).
+        uniform: every block keeps the same number of MLP channels and of KV groups
+            (`structured.uniform.uniform_counts`), so the sliced model has a standard shape; the
+            scores then only decide which units each block keeps.
     """
 
     family = BernoulliMasks
@@ -55,6 +59,7 @@ class ChannelSpace(MaskSpace):
         submodels: str = "sliced",
         capacity: int = 2,
         groups: list[ChannelGroup] | None = None,
+        uniform: bool = False,
     ):
         if submodels not in ("sliced", "masked"):
             raise ValueError(f"submodels must be 'sliced' or 'masked', got {submodels!r}")
@@ -70,6 +75,7 @@ class ChannelSpace(MaskSpace):
         )
         # hardening always keeps one KV group per attention module (a layer without heads cannot be sliced)
         self._attention = [g for g in self.groups if g.kind == "attention"]
+        self.counts = uniform_counts(self.groups, sparsity) if uniform else None
 
     def initial_scores(self) -> torch.Tensor:
         return torch.full((self.num_units,), 1.0 - self.sparsity)
@@ -105,6 +111,13 @@ class ChannelSpace(MaskSpace):
         return required
 
     def harden(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.counts is not None:  # uniform widths: the top units of each group, the same count per kind
+            flat = scores.detach().reshape(-1).cpu()
+            keep = torch.zeros(self.num_units, dtype=torch.bool)
+            for group in self.groups:
+                top = torch.argsort(flat[group.units], descending=True, stable=True)[: self.counts[group.kind]]
+                keep[group.offset + top] = True
+            return keep.to(scores.device).reshape(scores.shape)
         required = self._required(scores)
         if self.harden_scope == "layer":
             slices = [g.units for g in self.groups]

@@ -42,6 +42,7 @@ from optimum_sparse.pg.spaces.wanda_init import input_norms, layers_of, wanda_me
 from optimum_sparse.pg.spaces.weight_space import NMSpace, UnstructuredSpace
 from optimum_sparse.pg.trainer import checkpointing, distributed, wiring
 from optimum_sparse.structured.sliced_checkpoint import record_sliced_units
+from optimum_sparse.structured.uniform import check_standard_shape_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,15 @@ CALIBRATION_KEYS = ("input_ids", "attention_mask")
 def build_space(model: nn.Module, config: SparsityConfig) -> MaskSpace:
     """The mask space of `config.pattern`: channels, N:M, or unstructured."""
     if config.pattern == "channels":
+        if config.uniform_widths:
+            check_standard_shape_architecture(model)
         return ChannelSpace(
-            model, config.sparsity, config.harden_scope, config.pg_submodels, capacity=config.samples_per_step + 1
+            model,
+            config.sparsity,
+            config.harden_scope,
+            config.pg_submodels,
+            capacity=config.samples_per_step + 1,
+            uniform=config.uniform_widths,
         )
     if config.nm is not None:
         return NMSpace(model, config)
@@ -325,7 +333,7 @@ class SparsityCallback(TrainerCallback):
         if self.hard_mask is None:
             self.finalize()
         kept = self.space.slice_model(self.hard_mask)
-        record_sliced_units(self.model, kept)  # model.save_pretrained then writes a reloadable checkpoint
+        record_sliced_units(self.model, kept, self.space.groups)  # save_pretrained then writes a reloadable checkpoint
         return kept
 
     @property
