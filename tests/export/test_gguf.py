@@ -50,6 +50,10 @@ EXTRA_ROWS = 4  # embedding rows beyond the tokenizer's vocabulary: written as u
 
 @pytest.fixture(scope="module")
 def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    return make_bpe_tokenizer()
+
+
+def make_bpe_tokenizer() -> PreTrainedTokenizerFast:
     """A tiny byte-level BPE tokenizer (GPT-2 style), trained on generated text: about 120 tokens."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
