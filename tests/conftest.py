@@ -23,6 +23,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     PreTrainedTokenizerFast,
@@ -89,6 +91,8 @@ def build_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     seed_everything(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**{**_llama_like(), **overrides}))
+    elif arch == "mistral":  # not in ARCHITECTURES: Llama-like, for what names model types (export, uniform widths)
+        model = MistralForCausalLM(MistralConfig(**{**_llama_like(sliding_window=None), **overrides}))
     elif arch == "qwen2":  # q/k/v carry biases
         model = Qwen2ForCausalLM(Qwen2Config(**{**_llama_like(), **overrides}))
     elif arch == "gemma":  # sliding-window and global layers: per-layer masks and rotary tables

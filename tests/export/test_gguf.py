@@ -21,8 +21,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaTokenizer,
-    MistralConfig,
-    MistralForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -269,18 +267,7 @@ def test_qwen2_keeps_its_row_order_and_biases(bpe_tokenizer, tmp_path):
 
 
 def test_mistral_is_written_as_llama_cpp_llama(bpe_tokenizer, tmp_path):
-    config = MistralConfig(
-        vocab_size=len(bpe_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        sliding_window=None,
-    )
-    torch.manual_seed(0)
-    model = MistralForCausalLM(config).eval()
+    model = build_model("mistral", vocab_size=len(bpe_tokenizer))
     info = export_gguf(model, bpe_tokenizer, tmp_path / "mistral.gguf", "f32")
     assert info.architecture == "llama" and _fields(tmp_path / "mistral.gguf")["general.architecture"] == "llama"
     ids = _ids(bpe_tokenizer)

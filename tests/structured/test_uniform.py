@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SEQ_LEN, build_model
 from pg_helpers import Windows, make_trainer
-from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import AutoModelForCausalLM
 
 from optimum_sparse import SparsityCallback, SparsityConfig, load_sliced_model, prune, save_sliced_model
 from optimum_sparse.calibration import sample_windows, tokenize
@@ -16,23 +16,6 @@ from optimum_sparse.structured.uniform import uniform_counts
 from optimum_sparse.structured.units import unit_costs
 
 STANDARD = ("llama", "qwen2", "gemma", "mistral")
-
-
-def _model(arch: str):
-    if arch != "mistral":
-        return build_model(arch)
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        sliding_window=None,
-    )
-    return MistralForCausalLM(config).eval()
 
 
 def _config(**kwargs) -> SparsityConfig:
@@ -72,7 +55,7 @@ def test_uniform_counts_meet_the_parameter_budget_within_one_channel_per_block(s
 def test_sliced_uniform_model_is_a_checkpoint_plain_transformers_loads_with_the_same_logits(
     arch, eight_windows, tmp_path
 ):
-    model = _model(arch)
+    model = build_model(arch)
     result = prune(model, _config(), eight_windows, show_progress=False)
     assert result.sparsity >= 0.4
     ids = eight_windows[:2, :12]
@@ -94,7 +77,7 @@ def test_sliced_uniform_model_is_a_checkpoint_plain_transformers_loads_with_the_
 
 @pytest.mark.parametrize("arch", ["opt", "gpt2"])
 def test_other_architectures_are_refused_before_any_work_naming_the_supported_ones(arch, eight_windows):
-    model = _model(arch)
+    model = build_model(arch)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     with pytest.raises(ValueError, match=r"uniform_widths writes a standard checkpoint for the model types \['llama'"):
         prune(model, _config(), eight_windows, show_progress=False)
