@@ -16,7 +16,11 @@ import os
 import time
 
 from optimum_sparse import SparsityConfig, prune
-from optimum_sparse.auto_loading import load_model_and_tokenizer
+
+try:
+    from optimum_sparse.auto_loading import load_model_and_tokenizer
+except ImportError:  # a checkout from before the loader moved (issue 14)
+    from optimum_sparse.loading import load_model_and_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VALID = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2", "valid.txt")
