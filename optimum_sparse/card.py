@@ -86,6 +86,18 @@ def _loading_sections(causal: bool, class_name: str, compact: bool) -> list[str]
     ]
 
 
+def model_card_tags(config: SparsityConfig) -> list[str]:
+    """The Hub tags of a model pruned with `config` (the card's front matter; also given to a Trainer's card)."""
+    pattern = f"{config.pattern}-sparsity" if config.pattern else "unstructured-sparsity"
+    return ["optimum-sparse", "sparse", "pruned", config.method, pattern]
+
+
+def _how_pruned(config: SparsityConfig) -> str:
+    if config.method == "pg" and getattr(config, "pg_objective", None) == "lm":
+        return "Masks learned on the training loss in a transformers Trainer run (optimum-sparse, `SparsityCallback`)"
+    return f"Pruned one-shot, block by block, with optimum-sparse (`{config.method}`)"
+
+
 def build_model_card(
     config: SparsityConfig,
     *,
@@ -113,12 +125,10 @@ def build_model_card(
 
     base = base_model_id if is_hub_id(base_model_id) else None
     causal = class_name.endswith(("ForCausalLM", "LMHeadModel"))
-    tags = ["optimum-sparse", "sparse", "pruned", config.method]
-    tags.append(f"{config.pattern}-sparsity" if config.pattern else "unstructured-sparsity")
     data = ModelCardData(
         library_name="transformers",
         base_model=base,
-        tags=tags,
+        tags=model_card_tags(config),
         pipeline_tag="text-generation" if causal else None,
     )
     amount = f"{config.pattern} ({config.sparsity:.0%})" if config.pattern else f"{config.sparsity:.0%}"
@@ -144,8 +154,7 @@ def build_model_card(
         f"# {base or class_name}: {config.describe()} with optimum-sparse",
         "",
         f"A pruned copy of {subject}: {measured_sparsity:.1%} of the weights of its {pruned_layers} pruned linear "
-        f"layers are zero. Pruned one-shot, block by block, with optimum-sparse (`{config.method}`); embeddings "
-        "and `lm_head` stay dense.",
+        f"layers are zero. {_how_pruned(config)}; embeddings and `lm_head` stay dense.",
         "",
         "| | |",
         "|---|---|",

@@ -121,6 +121,16 @@ def masked_modules(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if module._buffers.get(MASK_BUFFER) is not None]
 
 
+def buffer_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{module name: bool (out, in) mask on the CPU} of the `sparse_mask` buffers on `model`."""
+    masks = {}
+    for name, module in model.named_modules():
+        mask = module._buffers.get(MASK_BUFFER)
+        if mask is not None:
+            masks[name] = (mask.t() if is_transposed(module) else mask).detach().cpu()
+    return masks
+
+
 @torch.no_grad()
 def apply_mask_buffers(modules: list[nn.Module] | nn.Module) -> int:
     """Zero the pruned weights of every masked module (a list, or all those inside a model)."""

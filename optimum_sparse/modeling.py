@@ -20,12 +20,13 @@ import functools
 import json
 import logging
 import os
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from optimum_sparse.architecture import get_weight
+from optimum_sparse.architecture import get_weight, is_transposed
 from optimum_sparse.card import MODEL_CARD_NAME, build_model_card, describe_calibration
 from optimum_sparse.checkpoint import (
     MASKS_NAME,
@@ -44,9 +45,11 @@ from optimum_sparse.mask_buffers import (
     resolve_module,
 )
 from optimum_sparse.sparse_checkpoint import (
+    add_sparse_files,
     checkpoint_directory,
     read_model_files,
     read_sparsity_record,
+    remove_sparse_files,
     saved_tokenizer,
     upload_checkpoint,
     write_model_files,
@@ -54,6 +57,8 @@ from optimum_sparse.sparse_checkpoint import (
 )
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _call_wrapped(self: SparseModel, *args: Any, labels=None, **kwargs: Any):
@@ -169,12 +174,25 @@ class SparseModel(nn.Module):
             remove_mask_buffers(self.model)
         return self
 
-    def _layer_sparsity(self) -> dict[str, float]:
-        result = {}
+    def _masked_weights(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+        """The (out, in) weight of every masked module: the model's, or the one in `state_dict` (what a
+        caller that hands its own state dict to `save_pretrained` saves: FSDP, DeepSpeed); None when
+        `state_dict` lacks one of them."""
+        weights = {}
         for name in self.masks:
-            weight = get_weight(self._module(name))
-            result[name] = int((weight == 0).sum()) / max(weight.numel(), 1)
-        return result
+            module = self._module(name)
+            if state_dict is None:
+                weights[name] = get_weight(module).detach()
+                continue
+            tensor = state_dict.get(f"{name}.weight")
+            if tensor is None:
+                return None
+            weights[name] = tensor.detach().t() if is_transposed(module) else tensor.detach()
+        return weights
+
+    def _layer_sparsity(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        weights = self._masked_weights() if weights is None else weights
+        return {name: int((weight == 0).sum()) / max(weight.numel(), 1) for name, weight in weights.items()}
 
     @property
     def measured_sparsity(self) -> float:
@@ -192,14 +210,15 @@ class SparseModel(nn.Module):
 
         return sparsity_report(self.model)
 
-    def _check_zeros(self) -> None:
+    def _check_zeros(self, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Refuse adapters and non-zero pruned weights (in the model, or in the `weights` about to be saved)."""
         for name, mask in self.masks.items():
             if self.model.get_submodule(name) is not self._module(name):
                 raise ValueError(
                     f"{name} carries an adapter (PEFT); merge it first, keeping the zeros: "
                     "SparseModel(merge_and_mask(peft_model, sparse), sparse.masks, sparse.sparsity_config)"
                 )
-            weight = get_weight(self._module(name)).detach()
+            weight = get_weight(self._module(name)).detach() if weights is None else weights[name]
             stray = int((weight != 0).logical_and_(~mask.to(weight.device)).sum())
             if stray:
                 raise ValueError(
@@ -257,24 +276,84 @@ class SparseModel(nn.Module):
 
     def _write(self, directory: str, compact: bool, tokenizer, **kwargs: Any) -> dict[str, int]:
         checkpoint, weight_files = write_model_files(directory, self.model, self.masks, compact, **kwargs)
+        self._write_record_and_card(directory, checkpoint, self._layer_sparsity())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        return {
+            "weights_bytes": directory_bytes(directory, weight_files + [MASKS_NAME]),
+            "dense_weights_bytes": dense_weights_bytes(self.model),
+        }
+
+    def _write_record_and_card(
+        self, directory: str, checkpoint: dict[str, Any], layer_sparsity: dict[str, float]
+    ) -> None:
+        """sparsity_config.json (with `checkpoint`, the layout record) and the model card."""
         measured = write_sparsity_record(
             directory,
             self.sparsity_config,
             self.masks,
-            self._layer_sparsity(),
+            layer_sparsity,
             checkpoint,
             metrics=self.metrics,
             base_model=self.base_model_id,
             calibration=self.calibration,
         )
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        compact = checkpoint.get("format") == "compact"
         with open(os.path.join(directory, MODEL_CARD_NAME), "w", encoding="utf-8") as handle:
             handle.write(self.model_card(compact=compact, measured_sparsity=measured))
-        return {
-            "weights_bytes": directory_bytes(directory, weight_files + [MASKS_NAME]),
-            "dense_weights_bytes": dense_weights_bytes(self.model),
-        }
+
+    def save_with(
+        self,
+        save_weights: Callable[[], T],
+        directory: str | os.PathLike,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+    ) -> T:
+        """Have `save_weights()` write the dense transformers checkpoint of `self.model` into `directory`,
+        and add the masks file, sparsity_config.json and the model card beside it.
+
+        This is how a model trained with `SparseFineTuneCallback` or `SparsityCallback` saves: the Trainer
+        calls transformers' own `save_pretrained` (`save_weights`) into a directory of its choosing, which
+        may hold other files (checkpoints, logs), so the directory is not replaced as a whole. Instead:
+        an earlier record in `directory` is removed before the weights are written, and the new files are
+        added after them, sparsity_config.json last (`sparse_checkpoint.add_sparse_files`), so
+        `from_pretrained` never reads a record beside weights it was not written for. The tokenizer is
+        the caller's to save (the Trainer saves its own).
+
+        The weights are saved in any case, since a Trainer's save must not fail over the masks: if they
+        cannot be described (a pruned weight is non-zero, or `state_dict` lacks a masked weight), they
+        are saved without the SparseModel files, with a warning saying why.
+
+        Args:
+            save_weights: writes the dense checkpoint (e.g. the model's `save_pretrained` bound to its
+                arguments); its result is returned.
+            directory: where `save_weights` writes.
+            state_dict: the tensors `save_weights` saves, when they are not the model's own (FSDP,
+                DeepSpeed); the zeros are checked and measured there.
+        """
+        directory = os.fspath(directory)
+        weights = self._masked_weights(state_dict)
+        problem = None if weights is not None else "the state dict being saved lacks masked weights (a sharded save?)"
+        if weights is not None:
+            try:
+                self._check_zeros(weights)
+            except ValueError as err:
+                problem = str(err)
+        if os.path.isdir(directory):
+            remove_sparse_files(directory)
+        result = save_weights()
+        if problem is not None:
+            logger.warning(
+                "%s: saved the weights without the SparseModel files (%s, masks): %s", directory, CONFIG_NAME, problem
+            )
+            return result
+        layer_sparsity = self._layer_sparsity(weights)
+        add_sparse_files(
+            directory,
+            self.masks,
+            lambda stage, checkpoint: self._write_record_and_card(stage, checkpoint, layer_sparsity),
+        )
+        logger.info("added the SparseModel files (masks of %d layers) to %s", len(self.masks), directory)
+        return result
 
     def model_card(self, compact: bool = False, measured_sparsity: float | None = None) -> str:
         """The README.md written by `save_pretrained`: YAML front matter, what was done, how to load it."""

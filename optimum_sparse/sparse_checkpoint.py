@@ -4,14 +4,20 @@
 bitmasks), the masks file and sparsity_config.json through here, then adds the tokenizer and the model
 card; `SparseModel.from_pretrained` reads the record and the model back through here. Keeping the file
 layout out of `optimum_sparse.modeling` leaves that module with the wrapper and its orchestration.
+
+A model trained with a sparsity callback has its dense checkpoint written by transformers' own
+`save_pretrained` (`Trainer.save_model`); `add_sparse_files` then adds the masks file, the record and
+the card beside it, the record last, and `remove_sparse_files` clears an earlier record first.
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +28,7 @@ from torch import nn
 from optimum_sparse.checkpoint import (
     COMPACT_WEIGHTS_NAME,
     MASKS_NAME,
+    TEMP_PREFIX,
     read_compact,
     read_masks,
     write_compact,
@@ -31,6 +38,23 @@ from optimum_sparse.config import CONFIG_NAME, SparsityConfig
 from optimum_sparse.loading import is_hub_id, model_class, restore_generation_config
 
 logger = logging.getLogger(__name__)
+
+#: the files a SparseModel checkpoint adds to a transformers one; the record (sparsity_config.json) first
+SPARSE_FILES = (CONFIG_NAME, MASKS_NAME, COMPACT_WEIGHTS_NAME)
+
+# True while `write_model_files` has the model save itself: the caller writes the SparseModel files, so a
+# model whose `save_pretrained` adds them (optimum_sparse.callbacks) writes only the transformers ones then
+_WRITING_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("optimum_sparse_writing", default=False)
+
+
+def writing_checkpoint() -> bool:
+    """Whether the model is being saved by `write_model_files`, whose caller writes the SparseModel files."""
+    return _WRITING_CHECKPOINT.get()
+
+
+def _checkpoint_record(compact: bool) -> dict[str, Any]:
+    """The `checkpoint` entry of sparsity_config.json (the weights file is added for a compact one)."""
+    return {"format": "compact" if compact else "dense", "masks_file": MASKS_NAME}
 
 
 def write_model_files(
@@ -44,7 +68,7 @@ def write_model_files(
     Returns:
         the `checkpoint` record of sparsity_config.json, and the names of the weight files written.
     """
-    checkpoint: dict[str, Any] = {"format": "compact" if compact else "dense", "masks_file": MASKS_NAME}
+    checkpoint = _checkpoint_record(compact)
     if compact:
         write_compact(os.path.join(directory, COMPACT_WEIGHTS_NAME), model, masks)
         config = copy.deepcopy(model.config)
@@ -57,7 +81,11 @@ def write_model_files(
         checkpoint["weights_file"] = COMPACT_WEIGHTS_NAME
         weight_files = [COMPACT_WEIGHTS_NAME]
     else:
-        model.save_pretrained(directory, **kwargs)
+        token = _WRITING_CHECKPOINT.set(True)
+        try:
+            model.save_pretrained(directory, **kwargs)
+        finally:
+            _WRITING_CHECKPOINT.reset(token)
         weight_files = [n for n in os.listdir(directory) if n.startswith("model") and ".safetensors" in n]
     write_masks(os.path.join(directory, MASKS_NAME), masks)
     return checkpoint, weight_files
@@ -94,6 +122,42 @@ def write_sparsity_record(
         metadata["calibration"] = calibration
     config.save_pretrained(directory, **metadata)
     return measured
+
+
+def remove_sparse_files(directory: str) -> list[str]:
+    """Delete the SparseModel files from `directory`, sparsity_config.json first; returns the names removed.
+
+    Called before new weights are saved into a directory that may hold an earlier SparseModel checkpoint,
+    so that its record never describes weights it was not written for. Other files are left alone.
+    """
+    removed = []
+    for name in SPARSE_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    return removed
+
+
+def add_sparse_files(
+    directory: str, masks: dict[str, torch.Tensor], write_record: Callable[[str, dict[str, Any]], None]
+) -> None:
+    """Add the masks file and the record to `directory`, which already holds the model's dense checkpoint.
+
+    The masks file and whatever `write_record(stage, checkpoint record)` writes (sparsity_config.json, the
+    model card) go into a fresh folder inside `directory` first, then are moved in one by one with
+    sparsity_config.json last: the directory claims to be a SparseModel checkpoint only once every other
+    file is in place. A failure leaves the plain transformers checkpoint, which `SparseModel.from_pretrained`
+    refuses with its usual message, never a record without its masks.
+    """
+    stage = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=directory)
+    try:
+        write_masks(os.path.join(stage, MASKS_NAME), masks)
+        write_record(stage, _checkpoint_record(compact=False))
+        for name in sorted(os.listdir(stage), key=lambda name: name == CONFIG_NAME):
+            os.replace(os.path.join(stage, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def upload_checkpoint(

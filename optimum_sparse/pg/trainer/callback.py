@@ -13,7 +13,11 @@ the parameter budget; at the end the top of s becomes the hard mask. Usage::
     trainer.train()          # the model ends pruned; callback.masks holds the (out, in) keep-masks
 
 The callback prepares the model when the Trainer finishes its __init__ (`on_init_end`), before the
-optimizer exists; call `callback.prepare(model)` yourself to prepare it earlier. Under
+optimizer exists; call `callback.prepare(model)` yourself to prepare it earlier. Once the masks are
+final, `trainer.save_model(d)` (and `trainer.push_to_hub()`) write a SparseModel checkpoint: the
+weights with their zeros, the masks file, sparsity_config.json and the model card
+(`optimum_sparse.callbacks.save_sparse_checkpoints`); checkpoints saved during training stay plain
+Trainer checkpoints of the dense model and the scores, since the masks are not final then. Under
 `accelerate launch` / `torchrun` each process samples its own sub-models and DDP averages the score
 gradients (`distributed.py`). Checkpoints saved by the Trainer carry the learner's state
 (`checkpointing.py`), and `trainer.train(resume_from_checkpoint=...)` continues exactly. See
@@ -32,8 +36,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from optimum_sparse.callbacks import save_sparse_checkpoints
 from optimum_sparse.checkpoint import MASKS_NAME, read_masks
 from optimum_sparse.config import SparsityConfig
+from optimum_sparse.modeling import SparseModel
 from optimum_sparse.pg.estimation.estimator import ScoreFunctionEstimator
 from optimum_sparse.pg.learner import StaleSubModelLearner
 from optimum_sparse.pg.spaces.channel_space import ChannelSpace
@@ -98,6 +104,13 @@ class SparsityCallback(TrainerCallback):
 
     After training: `masks` ({module name: (out, in) bool keep-mask}), `hard_mask` (flat, in the
     space's unit order), `history` (per-step statistics), and for channels `slice_model()`.
+
+    Saving: the model's saves (`trainer.save_model(d)`, `trainer.push_to_hub()`, `model.save_pretrained`)
+    write a SparseModel checkpoint once the masks are final, i.e. after `on_train_end` (or `finalize()`):
+    `SparseModel.from_pretrained(d)` then restores `masks`, and plain transformers loads the weights.
+    Before that (the Trainer's checkpoints during training) they write a plain checkpoint of the dense
+    model and the scores, which is what resuming needs, and no SparseModel record that would claim
+    unfinished masks. After `slice_model()` the model saves as a sliced checkpoint (`load_sliced_model`).
     """
 
     def __init__(
@@ -149,6 +162,7 @@ class SparsityCallback(TrainerCallback):
         )
         wiring.install(model, self.learner)
         self.model = model
+        save_sparse_checkpoints(model, self._saved_as)
         logger.info(
             "mask learning (%s): %d score parameters over %s, refresh every %d step(s), clip %g, %s",
             config.describe(),
@@ -300,6 +314,14 @@ class SparsityCallback(TrainerCallback):
             "hardened %s mask: sparsity %.4f (target %.4f)", self.config.describe(), sparsity, self.config.sparsity
         )
         return self.masks
+
+    def _saved_as(self) -> SparseModel | None:
+        """What the model's saves add the SparseModel files for: None until the masks are final."""
+        if self.masks is None:
+            return None
+        sparse = SparseModel(self.model, masks=self.masks, config=self.config)
+        sparse.calibration = f"the Trainer's training batches ({self.learner.step} steps of SparsityCallback)"
+        return sparse
 
     def refit_kept_weights(self, masks: dict[str, torch.Tensor]) -> None:
         """ADMM weight update (Boza 2024) of the kept weights for `masks` (as `self.masks`).
