@@ -74,7 +74,19 @@ def _zero_outside(
     return {name: mask.cpu() for name, mask in masks.items()}
 
 
-class UnstructuredSpace(MaskSpace):
+class _PerWeightSpace(MaskSpace):
+    """What the unstructured and N:M spaces share: masks over the weights of `self.layout`."""
+
+    layout: _WeightLayout
+
+    def finalize(self, hard: torch.Tensor) -> dict[str, torch.Tensor]:
+        return _zero_outside(self.masker, self.weight_masks(hard))
+
+    def metric_zscores(self, metric: torch.Tensor) -> torch.Tensor:
+        return self.layout.zscores(metric)
+
+
+class UnstructuredSpace(_PerWeightSpace):
     """One Bernoulli keep-probability per weight; budget: sum(s) = (1 - sparsity) * #weights (global)."""
 
     family = BernoulliMasks
@@ -129,12 +141,6 @@ class UnstructuredSpace(MaskSpace):
         parts = self.layout.split(sample.reshape(-1).bool())
         return {name: parts[name].reshape(shape) for name, shape in self.layout.shapes.items()}
 
-    def finalize(self, hard: torch.Tensor) -> dict[str, torch.Tensor]:
-        return _zero_outside(self.masker, self.weight_masks(hard))
-
-    def metric_zscores(self, metric: torch.Tensor) -> torch.Tensor:
-        return self.layout.zscores(metric)
-
     def scores_from_zscores(self, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """sigmoid(z / temperature + tau), tau putting sum(s) on the budget."""
         return sigmoid_to_budget(z / temperature, self.costs.to(z.device), self.budget).float()
@@ -143,7 +149,7 @@ class UnstructuredSpace(MaskSpace):
         return self.layout.flatten_masks(masks)
 
 
-class NMSpace(MaskSpace):
+class NMSpace(_PerWeightSpace):
     """One categorical over the C(M, N) keep-patterns of every group of M consecutive input weights."""
 
     def __init__(
@@ -194,12 +200,6 @@ class NMSpace(MaskSpace):
         flat = self.family.to_mask(sample.reshape(-1)).reshape(-1)
         parts = self.layout.split(flat)
         return {name: parts[name].reshape(shape) for name, shape in self.layout.shapes.items()}
-
-    def finalize(self, hard: torch.Tensor) -> dict[str, torch.Tensor]:
-        return _zero_outside(self.masker, self.weight_masks(hard))
-
-    def metric_zscores(self, metric: torch.Tensor) -> torch.Tensor:
-        return self.layout.zscores(metric)
 
     def scores_from_zscores(self, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Pattern logits = sum of the weights' z over the pattern's kept weights / temperature."""
