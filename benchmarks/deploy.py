@@ -13,13 +13,14 @@ perplexity over the first 40 windows x 1024 tokens of test.txt):
 `--prepare` runs the `optimum-sparse prune` command of the row (printed) into bench_out/deploy/ROW;
 measuring exports each model to GGUF (f16 and q8_0), evaluates it in llama.cpp (llama-cpp-python) on
 the same token windows as ours, and times prompt processing (512 tokens) and generation (64 tokens),
-median of 5. Prints a markdown table, then one JSON line.
+median of 5 rounds that time every row in turn. Prints a markdown table, then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import statistics
@@ -28,6 +29,8 @@ import sys
 import time
 
 import numpy as np
+
+logger = logging.getLogger("deploy")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2")
@@ -85,25 +88,35 @@ def llama_cpp_perplexity(path: str, windows: list[list[int]], threads: int) -> f
     return math.exp(sum(losses) / len(losses))
 
 
-def llama_cpp_speed(path: str, prompt: list[int], threads: int, repeats: int = 5, new: int = 64) -> tuple[float, float]:
-    """(prompt tokens/s, generated tokens/s), medians of `repeats` runs."""
+def llama_cpp_speed(paths: dict[str, str], prompt: list[int], threads: int, repeats: int, new: int = 64) -> dict:
+    """{key: (prompt tokens/s, generated tokens/s)}: medians of `repeats` rounds.
+
+    Every file is loaded once and warmed up; each round then times every file in turn, so a slow
+    spell of the machine falls on all rows alike instead of on whichever row ran during it.
+    """
     from llama_cpp import Llama
 
-    llm = Llama(model_path=path, n_ctx=EVAL_SEQ_LEN, n_batch=512, n_threads=threads, verbose=False)
-    pp, tg = [], []
-    for _ in range(repeats):
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        pp.append(len(prompt) / (time.perf_counter() - start))
-        start = time.perf_counter()
-        for token in prompt[:new]:  # one token at a time, as generation runs
-            llm.eval([token])
-        tg.append(new / (time.perf_counter() - start))
-    return statistics.median(pp), statistics.median(tg)
+    models = {
+        key: Llama(model_path=path, n_ctx=EVAL_SEQ_LEN, n_batch=512, n_threads=threads, verbose=False)
+        for key, path in paths.items()
+    }
+    times: dict[str, tuple[list[float], list[float]]] = {key: ([], []) for key in paths}
+    for round_index in range(repeats + 1):  # round 0 warms up
+        for key, llm in models.items():
+            llm.reset()
+            start = time.perf_counter()
+            llm.eval(prompt)
+            prompt_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            for token in prompt[:new]:  # one token at a time, as generation runs
+                llm.eval([token])
+            if round_index:
+                times[key][0].append(len(prompt) / prompt_seconds)
+                times[key][1].append(new / (time.perf_counter() - start))
+    return {key: (statistics.median(pp), statistics.median(tg)) for key, (pp, tg) in times.items()}
 
 
-def measure(row: str, threads: int) -> dict:
+def measure(row: str, threads: int, speed_only: bool = False) -> dict:
     import torch
 
     from optimum_sparse.auto_loading import load_model_and_tokenizer
@@ -116,21 +129,29 @@ def measure(row: str, threads: int) -> dict:
     windows = _windows(tokenizer)
     record = {"row": row, "parameters": sum(p.numel() for p in model.parameters())}
     with torch.no_grad():
-        record["ppl_ours"] = perplexity(model, data=torch.tensor(sum(windows, [])), seq_len=EVAL_SEQ_LEN, show_progress=False)
+        if not speed_only:
+            record["ppl_ours"] = perplexity(
+                model, data=torch.tensor(sum(windows, [])), seq_len=EVAL_SEQ_LEN, show_progress=False
+            )
     for outtype in ("f16", "q8_0"):
         path = os.path.join(OUT, f"{row}.{outtype}.gguf")
         export_gguf(model, default_model_path(), path, outtype=outtype, overwrite=True)
         record[f"gguf_mb_{outtype}"] = os.path.getsize(path) / 2**20
-        record[f"ppl_llama_cpp_{outtype}"] = llama_cpp_perplexity(path, windows, threads)
-        record[f"pp_tps_{outtype}"], record[f"tg_tps_{outtype}"] = llama_cpp_speed(path, windows[0][:512], threads)
+        if not speed_only:
+            record[f"ppl_llama_cpp_{outtype}"] = llama_cpp_perplexity(path, windows, threads)
+    record["prompt"] = windows[0][:512]
     return record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepare", nargs="+", choices=[r for r in ROWS if ROWS[r]], default=None)
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="rows to measure (default: prepared)")
+    parser.add_argument(
+        "--rows", nargs="+", choices=list(ROWS), default=None, help="rows to measure (default: prepared)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--speed-only", action="store_true", help="time only; perplexities from the last full run")
     args = parser.parse_args()
     os.makedirs(OUT, exist_ok=True)
     if args.prepare:
@@ -138,21 +159,50 @@ def main() -> None:
             prepare(row)
         return
     rows = args.rows or [r for r in ROWS if r == "dense" or os.path.isdir(os.path.join(OUT, r))]
-    records = [measure(row, args.threads) for row in rows]
-    dense = next((r for r in records if r["row"] == "dense"), None)
-    print("| row | parameters | ppl ours | ppl llama.cpp f16 / q8_0 | GGUF MiB f16 / q8_0 | pp tok/s f16 / q8_0 | tg tok/s f16 / q8_0 |")
+    if "dense" not in rows:
+        rows.insert(0, "dense")  # every ratio is to dense, timed in the same rounds
+    saved_path = os.path.join(OUT, "measured.json")
+    saved = json.load(open(saved_path, encoding="utf-8")) if os.path.exists(saved_path) else {}
+    records = {}
+    for row in rows:
+        records[row] = measure(row, args.threads, speed_only=args.speed_only)
+        if args.speed_only:
+            records[row] = {**saved[row], **records[row]} if row in saved else records[row]
+        logger.info("measured %s", row)
+    paths = {(row, t): os.path.join(OUT, f"{row}.{t}.gguf") for row in rows for t in ("f16", "q8_0")}
+    prompt = records[rows[0]].pop("prompt")
+    for (row, outtype), (pp, tg) in llama_cpp_speed(paths, prompt, args.threads, args.repeats).items():
+        records[row][f"pp_tps_{outtype}"], records[row][f"tg_tps_{outtype}"] = pp, tg
+    for record in records.values():
+        record.pop("prompt", None)
+    saved.update(records)
+    with open(saved_path, "w", encoding="utf-8") as handle:
+        json.dump(saved, handle, indent=2)
+    print_table(list(records.values()))
+    print(json.dumps({"deploy": list(records.values()), "threads": args.threads, "repeats": args.repeats}))
+
+
+def _ratio(record: dict, dense: dict, key: str) -> str:
+    return f"{record[key] / dense[key]:.2f}x"
+
+
+def print_table(records: list[dict]) -> None:
+    dense = records[0]
+    print(
+        "| row | parameters | ppl ours | ppl llama.cpp f16 / q8_0 | GGUF MiB f16 / q8_0 | pp tok/s f16 / q8_0 (vs dense) | tg tok/s f16 / q8_0 (vs dense) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in records:
-        ratio = ""
-        if dense is not None and r is not dense:
-            ratio = f" ({r['pp_tps_f16'] / dense['pp_tps_f16']:.2f}x / {r['pp_tps_q8_0'] / dense['pp_tps_q8_0']:.2f}x)"
+        pp, tg = f"{r['pp_tps_f16']:.0f} / {r['pp_tps_q8_0']:.0f}", f"{r['tg_tps_f16']:.0f} / {r['tg_tps_q8_0']:.0f}"
+        if r is not dense:
+            pp += f" ({_ratio(r, dense, 'pp_tps_f16')} / {_ratio(r, dense, 'pp_tps_q8_0')})"
+            tg += f" ({_ratio(r, dense, 'tg_tps_f16')} / {_ratio(r, dense, 'tg_tps_q8_0')})"
+        ppl = f"{r.get('ppl_ours', float('nan')):.2f} | {r.get('ppl_llama_cpp_f16', float('nan')):.2f} / {r.get('ppl_llama_cpp_q8_0', float('nan')):.2f}"
         print(
-            f"| {r['row']} | {r['parameters'] / 1e6:.1f}M | {r['ppl_ours']:.2f} | {r['ppl_llama_cpp_f16']:.2f} / "
-            f"{r['ppl_llama_cpp_q8_0']:.2f} | {r['gguf_mb_f16']:.1f} / {r['gguf_mb_q8_0']:.1f} | "
-            f"{r['pp_tps_f16']:.0f} / {r['pp_tps_q8_0']:.0f}{ratio} | {r['tg_tps_f16']:.0f} / {r['tg_tps_q8_0']:.0f} |"
+            f"| {r['row']} | {r['parameters'] / 1e6:.1f}M | {ppl} | {r['gguf_mb_f16']:.1f} / {r['gguf_mb_q8_0']:.1f} | {pp} | {tg} |"
         )
-    print(json.dumps({"deploy": records}))
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     main()

@@ -254,7 +254,7 @@ def test_files_written_by_the_previous_version_load_to_the_same_config(name, cap
     assert caplog.text == ""  # the other methods' settings it holds are defaults: dropped silently
     written = json.loads((LEGACY / f"{name}.json").read_text())
     assert all(written[key] == value for key, value in loaded.to_dict().items() if key in written)
-    added_since = {"uniform_widths"}  # settings newer than those files: at their defaults
+    added_since = {"uniform_widths", "width_multiple"}  # settings newer than those files: at their defaults
     assert set(loaded.to_dict()) - set(written) <= added_since
 
 

@@ -65,7 +65,14 @@ def _channel_space(context: BlockContext, config: SparsityConfig) -> ChannelSpac
         )
     capacity = config.samples_per_step + 1
     return ChannelSpace(
-        None, config.sparsity, "global", config.pg_submodels, capacity, groups=groups, uniform=config.uniform_widths
+        None,
+        config.sparsity,
+        "global",
+        config.pg_submodels,
+        capacity,
+        groups=groups,
+        uniform=config.uniform_widths,
+        width_multiple=config.width_multiple,
     )
 
 

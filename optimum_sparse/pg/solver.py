@@ -136,6 +136,14 @@ PG_OPTIONS = (
         boolean(),
     ),
     Option(
+        "width_multiple",
+        32,
+        "(uniform_widths) round the MLP channels every block keeps down to a multiple of this, so that "
+        "llama.cpp's quantization blocks (32 values) and fast matrix kernels apply to the sliced layers; "
+        "1: exactly the budget. A width too small for one multiple is kept exact",
+        positive_int(),
+    ),
+    Option(
         "pg_submodels",
         "sliced",
         "'sliced': each sampled sub-model built once and reused while stale (channels as smaller dense layers, "

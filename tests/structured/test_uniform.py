@@ -42,13 +42,22 @@ def eight_windows(tokenizer, calibration_text) -> torch.Tensor:
 @pytest.mark.parametrize("sparsity", [0.2, 0.4, 0.6])
 def test_uniform_counts_meet_the_parameter_budget_within_one_channel_per_block(sparsity):
     groups = find_channel_groups(build_model("llama"))
-    counts = uniform_counts(groups, sparsity)
+    counts = uniform_counts(groups, sparsity, width_multiple=1)
     costs = unit_costs(groups)
     kept = sum(counts[g.kind] * g.unit_cost for g in groups)
     removed = 1.0 - kept / float(costs.sum())
     mlp_cost = next(g.unit_cost for g in groups if g.kind == "mlp")
     assert sparsity <= removed < sparsity + 2 * mlp_cost / float(costs.sum())  # 2 blocks
     assert counts["attention"] >= 1
+
+
+def test_uniform_counts_round_the_mlp_channels_down_to_the_width_multiple():
+    groups = find_channel_groups(build_model("llama"))  # 64 MLP channels, 2 KV groups per block
+    exact = uniform_counts(groups, 0.3, width_multiple=1)["mlp"]
+    assert exact > 32
+    assert uniform_counts(groups, 0.3, width_multiple=32)["mlp"] == 32
+    assert uniform_counts(groups, 0.3, width_multiple=16)["mlp"] == exact - exact % 16
+    assert uniform_counts(groups, 0.3, width_multiple=128)["mlp"] == exact  # no multiple fits: kept exact
 
 
 @pytest.mark.parametrize("arch", STANDARD)

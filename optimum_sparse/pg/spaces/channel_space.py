@@ -46,6 +46,7 @@ class ChannelSpace(MaskSpace):
         uniform: every block keeps the same number of MLP channels and of KV groups
             (`structured.uniform.uniform_counts`), so the sliced model has a standard shape; the
             scores then only decide which units each block keeps.
+        width_multiple: (uniform) the kept MLP channels are rounded down to a multiple of this.
     """
 
     family = BernoulliMasks
@@ -60,6 +61,7 @@ class ChannelSpace(MaskSpace):
         capacity: int = 2,
         groups: list[ChannelGroup] | None = None,
         uniform: bool = False,
+        width_multiple: int = 1,
     ):
         if submodels not in ("sliced", "masked"):
             raise ValueError(f"submodels must be 'sliced' or 'masked', got {submodels!r}")
@@ -75,7 +77,7 @@ class ChannelSpace(MaskSpace):
         )
         # hardening always keeps one KV group per attention module (a layer without heads cannot be sliced)
         self._attention = [g for g in self.groups if g.kind == "attention"]
-        self.counts = uniform_counts(self.groups, sparsity) if uniform else None
+        self.counts = uniform_counts(self.groups, sparsity, width_multiple) if uniform else None
 
     def initial_scores(self) -> torch.Tensor:
         return torch.full((self.num_units,), 1.0 - self.sparsity)

@@ -67,6 +67,7 @@ def build_space(model: nn.Module, config: SparsityConfig) -> MaskSpace:
             config.pg_submodels,
             capacity=config.samples_per_step + 1,
             uniform=config.uniform_widths,
+            width_multiple=config.width_multiple,
         )
     if config.nm is not None:
         return NMSpace(model, config)
