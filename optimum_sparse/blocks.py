@@ -32,6 +32,8 @@ class PruningResult:
     layer_errors: dict[str, float] = field(default_factory=dict)
     #: reports that block-level solvers return from `prune_block` (pg's block objective, SparseLLM), by block
     block_reports: dict[int, object] = field(default_factory=dict)
+    #: {layer name: target sparsity} when layer budgets were set (OWL or explicit); empty: uniform
+    budgets: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -299,6 +301,8 @@ class BlockContext:
     name: str = ""
     #: {layer name: keep-mask} in weight-update-only mode: listed layers are refitted, the others left alone
     fixed_masks: dict[str, torch.Tensor] | None = None
+    #: {layer name: sparsity} when layer budgets differ from the config's sparsity (`optimum_sparse.budgets`)
+    layer_sparsity: dict[str, float] | None = None
 
     def groups(self, layers: list[PrunableLayer] | None = None) -> list[list[PrunableLayer]]:
         """Layers grouped by shared input tensor (q/k/v; gate/up), in call order."""
@@ -369,7 +373,11 @@ class BlockContext:
         mask = self.fixed_masks.get(layer.name) if self.fixed_masks is not None else None
         if self.fixed_masks is not None and mask is None:
             raise ValueError(f"{layer.name} has no fixed mask: in weight-update-only mode only masked layers change")
-        return prune_and_write(layer, stats, solver, self.refit, mask, self.device, self.result)
+        refit = self.refit
+        if self.layer_sparsity is not None and layer.name in self.layer_sparsity:
+            solver = solver.with_sparsity(self.layer_sparsity[layer.name])
+            refit = refit.with_sparsity(self.layer_sparsity[layer.name]) if refit is not None else None
+        return prune_and_write(layer, stats, solver, refit, mask, self.device, self.result)
 
     def write(self, layer: PrunableLayer, outcome: LayerResult, stats: LayerStatistics | None = None) -> None:
         """Write weights a block-level solver computed itself, checking them and recording the mask."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from optimum_sparse import registry
-from optimum_sparse.options import positive_int
+from optimum_sparse.options import finite_positive, in_interval, positive_int
 from optimum_sparse.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ METADATA_KEYS = (
     "format_version",
     "library_version",
     "measured_sparsity",
-    "layer_sparsity",
+    "measured_layer_sparsity",  # per layer; files before layer budgets called it "layer_sparsity"
+    "block_sparsity",  # measured per block
     "metrics",
     "checkpoint",  # saved by SparseModel: {"format": "dense" | "compact", "masks_file": ..., "weights_file": ...}
     "base_model",
@@ -86,6 +87,14 @@ class SparsityConfig:
         device: where blocks are processed ("auto": CUDA if present, else CPU).
         weight_update: a method that refits the kept weights after any method's mask selection
             ("admm").
+        sparsity_profile: how `sparsity` is spread over the blocks: None / "uniform" (every layer at
+            `sparsity`) or "owl" (Outlier Weighed Layerwise sparsity: fewer zeros in blocks with
+            more outlier features, mean still `sparsity`; see `optimum_sparse.budgets`). Unstructured
+            only.
+        owl_m, owl_lambda: OWL's outlier threshold (a score above M x the block mean is an outlier)
+            and the spread of the budgets (block sparsities lie within `sparsity` +- 2 x lambda).
+        layer_sparsity: explicit budgets instead: one sparsity per block (a list), or
+            {regex: sparsity} over module names (first match wins; other layers keep `sparsity`).
         settings: the same, as a dict (what `dataclasses.replace` and `asdict` hand back).
         **method_settings: the settings of the methods the run uses (`method`, `weight_update`, and what
             they call, such as SparseLLM's inner solver), each documented where its method declares
@@ -106,6 +115,11 @@ class SparsityConfig:
     sequential_update: bool = False
     device: str = "auto"
     weight_update: str | None = None
+    # layer budgets (optimum_sparse.budgets)
+    sparsity_profile: str | None = None
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    layer_sparsity: list[float] | dict[str, float] | None = None
     #: the used methods' settings, defaults filled in ({name: value}; read as attributes too)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -124,6 +138,10 @@ class SparsityConfig:
         sequential_update: bool = False,
         device: str = "auto",
         weight_update: str | None = None,
+        sparsity_profile: str | None = None,
+        owl_m: float = 5.0,
+        owl_lambda: float = 0.08,
+        layer_sparsity: list[float] | dict[str, float] | None = None,
         settings: dict[str, Any] | None = None,
         **method_settings: Any,
     ) -> None:
@@ -154,10 +172,46 @@ class SparsityConfig:
             raise ValueError(f"mask_scope must be None, 'row' or 'layer', got {self.mask_scope!r}")
         for name in ("num_samples", "seq_len"):
             positive_int()(name, getattr(self, name))
+        self._validate_budgets()
         refitters = [name for name in methods if getattr(registry.get_solver_class(name), "can_refit", False)]
         if self.weight_update is not None and self.weight_update not in refitters:
             choices = " or ".join(map(repr, refitters))
             raise ValueError(f"weight_update must be None or {choices}, got {self.weight_update!r}")
+
+    def _validate_budgets(self) -> None:
+        if isinstance(self.sparsity_profile, str) and self.sparsity_profile.lower() == "uniform":
+            self.sparsity_profile = None
+        if self.sparsity_profile not in (None, "owl"):
+            raise ValueError(f"sparsity_profile must be None, 'uniform' or 'owl', got {self.sparsity_profile!r}")
+        finite_positive("a number > 0 (scores above owl_m x the block mean count as outliers)")("owl_m", self.owl_m)
+        in_interval(0.0, 0.5, closed_high=False)("owl_lambda", self.owl_lambda)
+        budgets = self.layer_sparsity
+        if budgets is not None:
+            if self.sparsity_profile is not None:
+                raise ValueError("give either sparsity_profile or layer_sparsity (explicit budgets), not both")
+            if isinstance(budgets, dict):
+                values = list(budgets.values())
+                for regex in budgets:
+                    try:
+                        re.compile(regex)
+                    except (re.error, TypeError) as err:
+                        raise ValueError(
+                            f"layer_sparsity: {regex!r} is not a valid regular expression ({err})"
+                        ) from err
+            elif isinstance(budgets, (list, tuple)):
+                values = list(budgets)
+            else:
+                raise TypeError(
+                    f"layer_sparsity must be a list (one sparsity per block) or a {{regex: sparsity}} dict, got {budgets!r}"
+                )
+            for value in values:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                    raise ValueError(f"layer_sparsity values must be fractions in [0, 1), got {value!r}")
+        if (self.sparsity_profile or budgets is not None) and self.pattern is not None:
+            raise ValueError(
+                f"layer budgets give each block its own sparsity, which pattern {self.pattern!r} fixes for every "
+                "layer; prune unstructured (no pattern) to use sparsity_profile or layer_sparsity"
+            )
 
     def _normalise_pattern(self) -> None:
         if isinstance(self.pattern, str) and self.pattern.strip().lower() == "unstructured":
@@ -186,7 +240,9 @@ class SparsityConfig:
         owners = registry.option_owners()
         unknown = sorted(set(given) - set(owners))
         if unknown:
-            hints = {name: difflib.get_close_matches(name, list(owners) + list(_COMMON_FIELDS), n=1) for name in unknown}
+            hints = {
+                name: difflib.get_close_matches(name, list(owners) + list(_COMMON_FIELDS), n=1) for name in unknown
+            }
             described = ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items())
             raise TypeError(f"SparsityConfig has no setting {described}; settings are {sorted(owners)}")
         used = registry.methods_used(self.method, self.weight_update, given)
@@ -272,6 +328,10 @@ class SparsityConfig:
         amount = self.pattern if self.nm else f"{self.sparsity:.0%}"
         if self.pattern in STRUCTURED_PATTERNS:
             amount = f"{self.pattern} {amount}"
+        if self.sparsity_profile:
+            amount += f" {self.sparsity_profile}"
+        elif self.layer_sparsity is not None:
+            amount += " (layer budgets)"
         return f"{self.method} {amount}"
 
     @classmethod
@@ -302,6 +362,8 @@ class SparsityConfig:
         if unknown:
             logger.warning("ignoring unknown sparsity config keys %s (written by a newer version?)", unknown)
         data = {**(data.pop("settings", None) or {}), **data}  # the nested form of dataclasses.asdict too
+        if "measured_sparsity" in data and "measured_layer_sparsity" not in data:
+            data.pop("layer_sparsity", None)  # a file from before layer budgets: the measured per-layer sparsity
         common = {k: v for k, v in data.items() if k in _COMMON_FIELDS}
         given = {k: v for k, v in data.items() if k in owners}
         unused = _unused_settings(common, given)

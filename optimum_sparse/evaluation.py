@@ -71,20 +71,29 @@ def sparsity_report(model: nn.Module) -> dict:
     """Measured zeros per prunable linear in the blocks, and over all of them ("total")."""
     name, blocks = find_blocks(model)
     layers: dict[str, float] = {}
+    per_block: dict[str, float] = {}
     zeros = numel = 0
     for index, block in enumerate(blocks):
+        block_zeros = block_numel = 0
         for sub, module in block.named_modules():
             if isinstance(module, PRUNABLE_TYPES):
                 weight = get_weight(module)
                 layer_zeros = int((weight == 0).sum())
                 layers[f"{name}.{index}.{sub}"] = layer_zeros / weight.numel()
-                zeros += layer_zeros
-                numel += weight.numel()
-    return {"layers": layers, "total": zeros / max(numel, 1)}
+                block_zeros += layer_zeros
+                block_numel += weight.numel()
+        per_block[f"{name}.{index}"] = block_zeros / max(block_numel, 1)
+        zeros += block_zeros
+        numel += block_numel
+    return {"layers": layers, "blocks": per_block, "total": zeros / max(numel, 1)}
 
 
 def format_sparsity_report(report: dict) -> str:
     lines = [f"{'layer':<60} sparsity"]
     lines += [f"{name:<60} {value:.4f}" for name, value in report["layers"].items()]
+    blocks = report.get("blocks", {})
+    if len(set(round(v, 3) for v in blocks.values())) > 1:  # layer budgets: show them per block
+        lines.append(f"{'block':<60} sparsity")
+        lines += [f"{name:<60} {value:.4f}" for name, value in blocks.items()]
     lines.append(f"{'total':<60} {report['total']:.4f}")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from optimum_sparse.architecture import find_blocks, find_prunable_layers
 from optimum_sparse.blocks import BlockContext, BlockInputs, PruningResult, capture_block_inputs
+from optimum_sparse.budgets import check_one_budget_per_block, explicit_budgets, owl_budgets
 from optimum_sparse.calibration import CalibrationSource, get_calibration_data
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.solvers import get_solver_class
@@ -65,11 +66,15 @@ def prune(
     """
     start = time.perf_counter()
     per_block = find_prunable_layers(model, config)  # validates targets / N:M before any work
-    blocks_name, blocks = find_blocks(model)
     solver = get_solver_class(config.method)(config)
+    budgets = None  # {layer: sparsity} under layer budgets; explicit ones are checked before any work
+    if config.layer_sparsity is not None and fixed_masks is None:
+        budgets = check_one_budget_per_block(solver, explicit_budgets(config, per_block), per_block)
+    owl = config.sparsity_profile == "owl" and fixed_masks is None
+    blocks_name, blocks = find_blocks(model)
     solver.check_model(model)
     refit = get_solver_class(config.weight_update)(config) if config.weight_update else None
-    needs_data = solver.requires_calibration or refit is not None or fixed_masks is not None
+    needs_data = solver.requires_calibration or refit is not None or fixed_masks is not None or owl
     with_hessian = (
         solver.requires_hessian
         or refit is not None
@@ -91,6 +96,11 @@ def prune(
             )
             logger.info("calibrating on %d windows x %d tokens", windows.shape[0], windows.shape[1])
             inputs = capture_block_inputs(model, blocks, windows, device)
+        if owl:
+            budgets = check_one_budget_per_block(
+                solver, owl_budgets(config, blocks, per_block, inputs, device), per_block
+            )
+        result.budgets = budgets or {}
         for index in tqdm(range(len(blocks)), desc=desc, disable=not show_progress):
             block = blocks[index]
             home = next(block.parameters()).device
@@ -109,10 +119,15 @@ def prune(
                 model_config,
                 name=f"{blocks_name}.{index}",
                 fixed_masks=fixed_masks,
+                layer_sparsity=budgets,
             )
+            block_solver = solver
+            if budgets and per_block[index]:
+                values = {budgets[layer.name] for layer in per_block[index]}
+                block_solver = solver.with_sparsity(values.pop()) if len(values) == 1 else solver
             if fixed_masks is not None:
-                solver.refit_block(context)
-            elif (report := solver.prune_block(context)) is not None:
+                block_solver.refit_block(context)
+            elif (report := block_solver.prune_block(context)) is not None:
                 result.block_reports[index] = report
             if inputs is not None:
                 with torch.no_grad():

@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -110,9 +111,17 @@ def write_sparsity_record(
     """
     numel = sum(mask.numel() for mask in masks.values())
     measured = sum(layer_sparsity[n] * m.numel() for n, m in masks.items()) / max(numel, 1)
+    blocks: dict[str, list[int]] = {}
+    for name, mask in masks.items():
+        found = re.match(r"^(.*?\.\d+)\.", name)  # "model.layers.3.mlp.down_proj" -> "model.layers.3"
+        block = found.group(1) if found else name
+        counts = blocks.setdefault(block, [0, 0])
+        counts[0] += int(round(layer_sparsity[name] * mask.numel()))
+        counts[1] += mask.numel()
     metadata: dict[str, Any] = {
         "measured_sparsity": measured,
-        "layer_sparsity": layer_sparsity,
+        "measured_layer_sparsity": layer_sparsity,
+        "block_sparsity": {block: zeros / total for block, (zeros, total) in blocks.items()},
         "checkpoint": checkpoint,
     }
     for key, value in (("metrics", metrics), ("base_model", base_model)):

@@ -154,7 +154,7 @@ def test_prune_nm_from_a_config_file(saved_llama, text_file, tmp_path, capsys):
     assert record["method"] == "sparsegpt" and record["sparsity"] == "2:4"
     saved = SparsityConfig.from_pretrained(output)
     assert saved.pattern == "2:4" and saved.ignore == [r"down_proj"] and saved.seed == 7
-    layers = json.loads((output / CONFIG_NAME).read_text())["layer_sparsity"]
+    layers = json.loads((output / CONFIG_NAME).read_text())["measured_layer_sparsity"]
     assert layers and not any("down_proj" in name for name in layers)
     assert all(value == pytest.approx(0.5) for value in layers.values())
 

@@ -50,12 +50,12 @@ def test_dict_and_json_round_trip():
 
 def test_save_pretrained_writes_sparsity_config_json(tmp_path, caplog):
     config = _custom_config()
-    path = config.save_pretrained(tmp_path / "out", measured_sparsity=0.4999, layer_sparsity={"a": 0.5})
+    path = config.save_pretrained(tmp_path / "out", measured_sparsity=0.4999, measured_layer_sparsity={"a": 0.5})
     assert os.path.basename(path) == CONFIG_NAME == "sparsity_config.json"
     with open(path, encoding="utf-8") as handle:
         payload = json.load(handle)
     assert payload["format_version"] == FORMAT_VERSION
-    assert payload["measured_sparsity"] == 0.4999 and payload["layer_sparsity"] == {"a": 0.5}
+    assert payload["measured_sparsity"] == 0.4999 and payload["measured_layer_sparsity"] == {"a": 0.5}
     assert payload["library_version"]
     assert payload["method"] == "wanda" and payload["targets"] == [r"mlp\."]
     with caplog.at_level(logging.WARNING):
@@ -254,7 +254,8 @@ def test_files_written_by_the_previous_version_load_to_the_same_config(name, cap
     assert caplog.text == ""  # the other methods' settings it holds are defaults: dropped silently
     written = json.loads((LEGACY / f"{name}.json").read_text())
     assert all(written[key] == value for key, value in loaded.to_dict().items() if key in written)
-    added_since = {"uniform_widths", "width_multiple"}  # settings newer than those files: at their defaults
+    added_since = {"uniform_widths", "width_multiple", "sparsity_profile", "owl_m", "owl_lambda", "layer_sparsity"}
+    # (settings and fields newer than those files: at their defaults)
     assert set(loaded.to_dict()) - set(written) <= added_since
 
 

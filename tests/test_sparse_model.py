@@ -127,9 +127,9 @@ def test_sparsity_config_json_records_config_measured_sparsity_and_version(tmp_p
     assert data["method"] == "magnitude" and data["sparsity"] == 0.7
     assert data["format_version"] == FORMAT_VERSION and data["library_version"] == __version__
     assert data["checkpoint"] == {"format": "dense", "masks_file": MASKS_NAME}
-    assert set(data["layer_sparsity"]) == set(sparse.masks)
+    assert set(data["measured_layer_sparsity"]) == set(sparse.masks)
     # magnitude at layer scope: exactly round(0.7 * numel) zeros in every layer
-    for name, value in data["layer_sparsity"].items():
+    for name, value in data["measured_layer_sparsity"].items():
         numel = sparse.masks[name].numel()
         assert value == pytest.approx(round(0.7 * numel) / numel), name
     assert data["measured_sparsity"] == pytest.approx(0.7, abs=1e-3)

@@ -167,6 +167,17 @@ class Solver:
         """The config's `dampening`, or this method's default when it is None."""
         return self.config.dampening if self.config.dampening is not None else self.default_dampening
 
+    def with_sparsity(self, sparsity: float) -> Solver:
+        """This solver at another sparsity (a layer budget): the same settings in a config of its own."""
+        if sparsity == self.config.sparsity:
+            return self
+        return type(self)(self.config.replace(sparsity=sparsity, sparsity_profile=None, layer_sparsity=None))
+
+    @classmethod
+    def prunes_whole_blocks(cls) -> bool:
+        """Whether it overrides `prune_block` (one sparsity per block) rather than pruning layer by layer."""
+        return cls.prune_block is not Solver.prune_block
+
     def check_model(self, model: nn.Module) -> None:
         """Refuse, before any work, a model this run cannot prune (a ValueError naming the fix)."""
         return None
