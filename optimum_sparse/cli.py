@@ -1,4 +1,5 @@
-"""Command line: `optimum-sparse prune | eval | export` (also `python -m optimum_sparse.cli`).
+"""Command line: `optimum-sparse prune | eval | export` (also `python -m optimum_sparse.cli` and
+`optimum-cli sparse ...`, which runs this same parser and `run_command` under another program name).
 
 Every argument is checked before the model is loaded, so a typo costs seconds, not a calibration
 pass; `--output` is written under a temporary name and renamed into place only on success.
@@ -57,8 +58,11 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optimum-sparse", description="Prune Hugging Face LLMs, measure them and export them (GGUF).")
+def build_parser(prog: str = "optimum-sparse") -> argparse.ArgumentParser:
+    """Every command and flag; `prog` names the program in usage and errors (`optimum-cli sparse` there)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Prune Hugging Face LLMs, measure them and export them (GGUF)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model one-shot, optionally evaluate and save it")
@@ -342,19 +346,21 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
 COMMANDS = {"prune": run_prune, "eval": run_eval, "export": run_export}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_command(args: argparse.Namespace, prog: str = "optimum-sparse") -> int:
+    """Run a parsed command and print its record (and the --json line).
+
+    Returns the exit code: 0, 1 (the run itself failed) or 2 (bad input, with `PROG COMMAND: error: ...`).
+    """
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(message)s")
     start = time.perf_counter()
     try:
         record = COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:  # bad input
-        print(f"optimum-sparse {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (RuntimeError, FloatingPointError, NotImplementedError) as err:  # the run itself failed
         logger.debug("failure", exc_info=True)
-        print(f"optimum-sparse {args.command}: failed: {err}", file=sys.stderr)
+        print(f"{prog} {args.command}: failed: {err}", file=sys.stderr)
         return 1
     record["total_seconds"] = time.perf_counter() - start
     for key, value in record.items():
@@ -362,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(record))
     return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "optimum-sparse") -> int:
+    """`optimum-sparse` (and, with prog="optimum-cli sparse", `optimum-cli sparse`): parse argv, run, exit code."""
+    return run_command(build_parser(prog).parse_args(argv), prog)
 
 
 if __name__ == "__main__":
