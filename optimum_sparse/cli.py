@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import sys
 import time
 from typing import Any
@@ -261,6 +262,7 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         sparse = SparseModel(model, masks=result.masks, config=config)
         sparse.base_model_id = args.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
         sparse.calibration = describe_calibration(args.calibration_data, config)
+        sparse.command = getattr(args, "command_line", None)  # shown in the model card
         if "ppl" in record:
             sparse.metrics = {"perplexity": record["ppl"]}
             if "ppl_dense" in record:
@@ -345,6 +347,8 @@ COMMANDS = {"prune": run_prune, "eval": run_eval, "export": run_export}
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the command as typed, shell-quoted: the model card says how the model was made
+    args.command_line = shlex.join(["optimum-sparse", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(message)s")
     start = time.perf_counter()
     try:
