@@ -54,15 +54,21 @@ def load_text(source: str | os.PathLike, split: str = "train") -> str:
     return _load_dataset_text(source, split)
 
 
-def _load_dataset_text(spec: str, split: str) -> str:
-    import datasets
-
+def parse_dataset_spec(spec: str, split: str = "train") -> tuple[str, str | None, str]:
+    """(Hub dataset, config, split) named by 'name[:config[:split]]', aliases resolved ('wikitext2')."""
     parts = spec.split(":")
     name, config = DATASET_ALIASES.get(parts[0], (parts[0], None))
     if len(parts) > 1 and parts[1]:
         config = parts[1]
     if len(parts) > 2 and parts[2]:
         split = parts[2]
+    return name, config, split
+
+
+def _load_dataset_text(spec: str, split: str) -> str:
+    import datasets
+
+    name, config, split = parse_dataset_spec(spec, split)
     logger.info("loading dataset %s (%s) split %s", name, config, split)
     data = datasets.load_dataset(name, config, split=split)
     column = (

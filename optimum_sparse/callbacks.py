@@ -136,6 +136,7 @@ class SparseFineTuneCallback(TrainerCallback):
     Trainer's checkpoints, `model.save_pretrained`) writes the SparseModel files beside the weights
     (`save_sparse_checkpoints`): with a `SparseModel` source its config, metrics and provenance, as
     `sparse.save_pretrained` would; with a dict or the buffers, a config recording the masks' sparsity.
+    Either way the model is marked `fine_tuned`, so its card names it a fine-tune of the base model.
     A PEFT model saves its adapter as usual (merge it with `merge_and_mask`, then save a SparseModel);
     pass `sparse.model`, not the SparseModel itself, to the Trainer, which saves any other wrapper as a
     bare state dict.
@@ -151,6 +152,7 @@ class SparseFineTuneCallback(TrainerCallback):
             raise ValueError("SparseFineTuneCallback needs the Trainer's model (it passes it to callbacks)")
         if isinstance(self.source, SparseModel):
             self.source.keep_masks(True)
+            self.source.fine_tuned = True  # its card then says so (base_model_relation: finetune)
         elif isinstance(self.source, Mapping):
             register_mask_buffers(model, self.source)
         elif self.source is not None:
@@ -177,7 +179,11 @@ class SparseFineTuneCallback(TrainerCallback):
         if isinstance(self.source, SparseModel) and self.source.model is model:
             return self.source
         masks = dict(self.source) if isinstance(self.source, Mapping) else buffer_masks(model)
-        return SparseModel(model, masks=masks) if masks else None
+        if not masks:
+            return None
+        sparse = SparseModel(model, masks=masks)
+        sparse.fine_tuned = True
+        return sparse
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._attach(model)

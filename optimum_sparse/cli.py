@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import sys
 import time
 from typing import Any
@@ -265,6 +266,7 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         sparse = SparseModel(model, masks=result.masks, config=config)
         sparse.base_model_id = args.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
         sparse.calibration = describe_calibration(args.calibration_data, config)
+        sparse.command = getattr(args, "command_line", None)  # shown in the model card
         if "ppl" in record:
             sparse.metrics = {"perplexity": record["ppl"]}
             if "ppl_dense" in record:
@@ -372,7 +374,10 @@ def run_command(args: argparse.Namespace, prog: str = "optimum-sparse") -> int:
 
 def main(argv: list[str] | None = None, prog: str = "optimum-sparse") -> int:
     """`optimum-sparse` (and, with prog="optimum-cli sparse", `optimum-cli sparse`): parse argv, run, exit code."""
-    return run_command(build_parser(prog).parse_args(argv), prog)
+    args = build_parser(prog).parse_args(argv)
+    # the command as typed, shell-quoted: the model card says how the model was made
+    args.command_line = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
+    return run_command(args, prog)
 
 
 if __name__ == "__main__":

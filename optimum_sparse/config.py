@@ -41,6 +41,8 @@ METADATA_KEYS = (
     "checkpoint",  # saved by SparseModel: {"format": "dense" | "compact", "masks_file": ..., "weights_file": ...}
     "base_model",
     "calibration",
+    "command",  # the shell command that made the model (optimum-sparse prune ...)
+    "fine_tuned",  # true when the pruned model was trained afterwards (SparseFineTuneCallback)
 )
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")

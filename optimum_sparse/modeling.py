@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -55,6 +55,9 @@ from optimum_sparse.sparse_checkpoint import (
     write_model_files,
     write_sparsity_record,
 )
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +130,12 @@ class SparseModel(nn.Module):
         self.base_model_id: str | None = name_or_path or None
         #: how the calibration data were chosen (for the model card)
         self.calibration: str | None = None
+        #: the shell command that made the model (`optimum-sparse prune` sets it; None for a Python run),
+        #: shown in the model card
+        self.command: str | None = None
+        #: whether the pruned model was trained afterwards (`SparseFineTuneCallback` sets it): the card's
+        #: `base_model_relation` is then "finetune" rather than "quantized"
+        self.fine_tuned: bool = False
         #: saved beside the model by `save_pretrained` when set
         self.tokenizer = None
 
@@ -297,10 +306,13 @@ class SparseModel(nn.Module):
             metrics=self.metrics,
             base_model=self.base_model_id,
             calibration=self.calibration,
+            command=self.command,
+            fine_tuned=self.fine_tuned,
         )
         compact = checkpoint.get("format") == "compact"
+        card = self.model_card(compact=compact, measured_sparsity=measured, layer_sparsity=layer_sparsity)
         with open(os.path.join(directory, MODEL_CARD_NAME), "w", encoding="utf-8") as handle:
-            handle.write(self.model_card(compact=compact, measured_sparsity=measured))
+            handle.write(str(card))
 
     def save_with(
         self,
@@ -355,16 +367,31 @@ class SparseModel(nn.Module):
         logger.info("added the SparseModel files (masks of %d layers) to %s", len(self.masks), directory)
         return result
 
-    def model_card(self, compact: bool = False, measured_sparsity: float | None = None) -> str:
-        """The README.md written by `save_pretrained`: YAML front matter, what was done, how to load it."""
+    def model_card(
+        self,
+        compact: bool = False,
+        measured_sparsity: float | None = None,
+        layer_sparsity: Mapping[str, float] | None = None,
+    ) -> ModelCard:
+        """The README.md written by `save_pretrained`, as a `huggingface_hub.ModelCard` (`str(card)` is the
+        text, `card.data` the front matter): what was done, the results, the command, how to load it.
+
+        Args:
+            compact: describe the compact format rather than the dense one.
+            measured_sparsity, layer_sparsity: zeros over all pruned layers and {module name: fraction of
+                zeros}, of the weights being saved (default: measured on the model).
+        """
         return build_model_card(
             self.sparsity_config,
             class_name=type(self.model).__name__,
             pruned_layers=len(self.masks),
             measured_sparsity=self.measured_sparsity if measured_sparsity is None else measured_sparsity,
+            layer_sparsity=self._layer_sparsity() if layer_sparsity is None else layer_sparsity,
             base_model_id=self.base_model_id,
             calibration=self.calibration,
             metrics=self.metrics,
+            command=self.command,
+            fine_tuned=self.fine_tuned,
             compact=compact,
         )
 
@@ -447,6 +474,8 @@ class SparseModel(nn.Module):
         sparse.metrics = dict(raw.get("metrics") or {})
         sparse.base_model_id = raw.get("base_model") or sparse.base_model_id
         sparse.calibration = raw.get("calibration")
+        sparse.command = raw.get("command")
+        sparse.fine_tuned = bool(raw.get("fine_tuned", False))
         sparse.tokenizer = saved_tokenizer(directory)
         try:
             sparse._check_zeros()

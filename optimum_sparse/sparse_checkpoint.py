@@ -102,6 +102,8 @@ def write_sparsity_record(
     metrics: dict[str, Any] | None = None,
     base_model: str | None = None,
     calibration: str | None = None,
+    command: str | None = None,
+    fine_tuned: bool = False,
 ) -> float:
     """Write sparsity_config.json: the config plus what loading and the model card need to know.
 
@@ -124,11 +126,10 @@ def write_sparsity_record(
         "block_sparsity": {block: zeros / total for block, (zeros, total) in blocks.items()},
         "checkpoint": checkpoint,
     }
-    for key, value in (("metrics", metrics), ("base_model", base_model)):
-        if value:
-            metadata[key] = value
-    if calibration:
-        metadata["calibration"] = calibration
+    provenance = dict(
+        metrics=metrics, base_model=base_model, calibration=calibration, command=command, fine_tuned=fine_tuned
+    )
+    metadata.update({key: value for key, value in provenance.items() if value})  # only what is known
     config.save_pretrained(directory, **metadata)
     return measured
 

@@ -171,7 +171,7 @@ def test_model_card_states_method_sparsity_calibration_perplexity_and_loading(tm
     assert "| target sparsity | 2:4 (50%) |" in card
     assert "| measured sparsity | 50.00% of the weights of 14 pruned linear layers |" in card
     assert "| calibration | wikitext2; 128 windows x 2048 tokens, seed 0 |" in card
-    assert "| perplexity | 31.25 |" in card
+    assert "| pruned (this model) | 31.25 |" in card
     assert 'AutoModelForCausalLM.from_pretrained("<this repo or directory>")' in card
     assert 'SparseModel.from_pretrained("<this repo or directory>")' in card
 

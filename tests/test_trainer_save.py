@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers.trainer
 from conftest import SEQ_LEN, build_model
+from huggingface_hub import ModelCard
 from pg_helpers import Windows, make_trainer
 from transformers import AutoModelForCausalLM
 
@@ -101,8 +102,9 @@ def test_sparsity_callback_run_saves_a_sparse_model_checkpoint(pattern, dataset,
     assert record["measured_sparsity"] == pytest.approx(loaded.measured_sparsity)
     assert record["measured_sparsity"] >= (0.3 if pattern == "channels" else 0.5)
     assert "3 steps of SparsityCallback" in record["calibration"]
-    card = (tmp_path / "final" / "README.md").read_text()
-    assert "optimum-sparse" in card and "Masks learned on the training loss" in card
+    card = ModelCard.load(tmp_path / "final" / "README.md")  # the Hub's parser reads its metadata
+    assert "Masks learned on the training loss" in card.text and "SparsityCallback(config)" in card.text
+    assert card.data.library_name == "transformers" and card.data.tags[:3] == ["optimum-sparse", "sparse", "pruned"]
 
     # the checkpoint saved during training holds the dense model and the scores, not unfinished masks
     during = tmp_path / "out" / "checkpoint-2"
@@ -173,6 +175,7 @@ def test_fine_tune_callback_run_saves_a_sparse_model_checkpoint(source, dataset,
 
     out = tmp_path / "out"
     loaded = _check_sparse_checkpoint(out, sparse.model, sparse.masks, dataset.ids[:2])
+    assert loaded.fine_tuned and "then fine-tuned with its zeros kept" in (out / "README.md").read_text()
     name = "model.layers.0.mlp.up_proj"
     assert not torch.equal(get_weight(loaded.model.get_submodule(name)), before[name])  # the trained weights
     if source == "sparse-model":  # what sparse.save_pretrained writes, with the same config and metrics
