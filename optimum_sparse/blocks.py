@@ -34,6 +34,8 @@ class PruningResult:
     block_reports: dict[int, object] = field(default_factory=dict)
     #: {layer name: target sparsity} when layer budgets were set (OWL or explicit); empty: uniform
     budgets: dict[str, float] = field(default_factory=dict)
+    #: block reconstruction's report per block (`optimum_sparse.reconstruction.ReconstructionReport`)
+    reconstruction: dict[int, object] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property

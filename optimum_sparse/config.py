@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from optimum_sparse import registry
-from optimum_sparse.options import finite_positive, in_interval, positive_int
+from optimum_sparse.options import finite_positive, in_interval, one_of, positive_int
 from optimum_sparse.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,14 @@ class SparsityConfig:
             and the spread of the budgets (block sparsities lie within `sparsity` +- 2 x lambda).
         layer_sparsity: explicit budgets instead: one sparsity per block (a list), or
             {regex: sparsity} over module names (first match wins; other layers keep `sparsity`).
+        reconstruction: None or "block": once a block's masks are chosen (by any method), fit its
+            kept weights, masks fixed, so that the block reproduces the dense block's output on the
+            calibration windows (`optimum_sparse.reconstruction`).
+        reconstruction_inputs: "pruned" (the pruned model's activations: later blocks also correct
+            earlier errors) or "dense" (the dense model's).
+        reconstruction_epochs, reconstruction_lr: passes over the training windows, Adam step size.
+        reconstruction_holdout: share of the calibration windows held out; their error picks the
+            best epoch and stops training after `reconstruction_patience` epochs without improvement.
         settings: the same, as a dict (what `dataclasses.replace` and `asdict` hand back).
         **method_settings: the settings of the methods the run uses (`method`, `weight_update`, and what
             they call, such as SparseLLM's inner solver), each documented where its method declares
@@ -122,6 +130,13 @@ class SparsityConfig:
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     layer_sparsity: list[float] | dict[str, float] | None = None
+    # block reconstruction (optimum_sparse.reconstruction)
+    reconstruction: str | None = None
+    reconstruction_inputs: str = "pruned"
+    reconstruction_epochs: int = 8
+    reconstruction_lr: float = 1e-4
+    reconstruction_holdout: float = 0.125
+    reconstruction_patience: int = 2
     #: the used methods' settings, defaults filled in ({name: value}; read as attributes too)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -144,6 +159,12 @@ class SparsityConfig:
         owl_m: float = 5.0,
         owl_lambda: float = 0.08,
         layer_sparsity: list[float] | dict[str, float] | None = None,
+        reconstruction: str | None = None,
+        reconstruction_inputs: str = "pruned",
+        reconstruction_epochs: int = 8,
+        reconstruction_lr: float = 1e-4,
+        reconstruction_holdout: float = 0.125,
+        reconstruction_patience: int = 2,
         settings: dict[str, Any] | None = None,
         **method_settings: Any,
     ) -> None:
@@ -175,10 +196,20 @@ class SparsityConfig:
         for name in ("num_samples", "seq_len"):
             positive_int()(name, getattr(self, name))
         self._validate_budgets()
+        self._validate_reconstruction()
         refitters = [name for name in methods if getattr(registry.get_solver_class(name), "can_refit", False)]
         if self.weight_update is not None and self.weight_update not in refitters:
             choices = " or ".join(map(repr, refitters))
             raise ValueError(f"weight_update must be None or {choices}, got {self.weight_update!r}")
+
+    def _validate_reconstruction(self) -> None:
+        if self.reconstruction not in (None, "block"):
+            raise ValueError(f"reconstruction must be None or 'block', got {self.reconstruction!r}")
+        one_of(("pruned", "dense"))("reconstruction_inputs", self.reconstruction_inputs)
+        positive_int()("reconstruction_epochs", self.reconstruction_epochs)
+        positive_int()("reconstruction_patience", self.reconstruction_patience)
+        finite_positive()("reconstruction_lr", self.reconstruction_lr)
+        in_interval(0.0, 0.5, closed_high=False)("reconstruction_holdout", self.reconstruction_holdout)
 
     def _validate_budgets(self) -> None:
         if isinstance(self.sparsity_profile, str) and self.sparsity_profile.lower() == "uniform":
@@ -334,6 +365,8 @@ class SparsityConfig:
             amount += f" {self.sparsity_profile}"
         elif self.layer_sparsity is not None:
             amount += " (layer budgets)"
+        if self.reconstruction:
+            amount += f" +{self.reconstruction} reconstruction"
         return f"{self.method} {amount}"
 
     @classmethod

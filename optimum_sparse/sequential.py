@@ -28,6 +28,7 @@ from optimum_sparse.blocks import BlockContext, BlockInputs, PruningResult, capt
 from optimum_sparse.budgets import check_one_budget_per_block, explicit_budgets, owl_budgets
 from optimum_sparse.calibration import CalibrationSource, get_calibration_data
 from optimum_sparse.config import SparsityConfig
+from optimum_sparse.reconstruction import DenseStream
 from optimum_sparse.solvers import get_solver_class
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def prune(
     blocks_name, blocks = find_blocks(model)
     solver.check_model(model)
     refit = get_solver_class(config.weight_update)(config) if config.weight_update else None
-    needs_data = solver.requires_calibration or refit is not None or fixed_masks is not None or owl
+    reconstructing = config.reconstruction == "block"
+    needs_data = solver.requires_calibration or refit is not None or fixed_masks is not None or owl or reconstructing
     with_hessian = (
         solver.requires_hessian
         or refit is not None
@@ -101,6 +103,7 @@ def prune(
                 solver, owl_budgets(config, blocks, per_block, inputs, device), per_block
             )
         result.budgets = budgets or {}
+        dense = DenseStream(inputs) if reconstructing else None
         for index in tqdm(range(len(blocks)), desc=desc, disable=not show_progress):
             block = blocks[index]
             home = next(block.parameters()).device
@@ -125,13 +128,18 @@ def prune(
             if budgets and per_block[index]:
                 values = {budgets[layer.name] for layer in per_block[index]}
                 block_solver = solver.with_sparsity(values.pop()) if len(values) == 1 else solver
+            targets = dense.targets(block) if dense is not None and per_block[index] else None
             if fixed_masks is not None:
                 block_solver.refit_block(context)
             elif (report := block_solver.prune_block(context)) is not None:
                 result.block_reports[index] = report
+            if targets is not None:
+                result.reconstruction[index] = dense.reconstruct(block, per_block[index], result.masks, targets, config)
             if inputs is not None:
                 with torch.no_grad():
                     inputs.hidden = inputs.run_windows(block)
+                if dense is not None:
+                    dense.advance(targets if targets is not None else dense.targets(block))
                 block.to(home)
             if on_block_done:
                 on_block_done(index)

@@ -1,0 +1,99 @@
+"""Block reconstruction after any mask: kept weights fitted to the dense block's output, masks exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model, method_config
+
+from optimum_sparse import SparsityConfig, prune
+from optimum_sparse.architecture import get_weight
+
+
+def _output_error(model, dense, windows) -> float:
+    with torch.no_grad():
+        pruned, reference = model(input_ids=windows).logits, dense(input_ids=windows).logits
+    return float((pruned - reference).pow(2).sum() / reference.pow(2).sum())
+
+
+def _pruned_pair(arch: str, windows, **settings):
+    dense, model = build_model(arch), build_model(arch)
+    config = method_config(device="cpu", **settings)
+    return dense, model, prune(model, config, windows, show_progress=False)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_reconstruction_brings_the_pruned_model_closer_to_the_dense_one_with_the_same_masks(method, windows):
+    dense, plain, plain_result = _pruned_pair("llama", windows, method=method, sparsity=0.7)
+    _, rebuilt, result = _pruned_pair(
+        "llama", windows, method=method, sparsity=0.7, reconstruction="block", reconstruction_holdout=0.25
+    )
+    assert set(result.masks) == set(plain_result.masks)
+    first = [n for n in result.masks if ".layers.0." in n]  # later blocks see the reconstructed activations
+    assert all(torch.equal(result.masks[n], plain_result.masks[n]) for n in first)
+    for name, mask in result.masks.items():
+        weight = get_weight(rebuilt.get_submodule(name))
+        assert bool((weight[~mask] == 0).all())  # every pruned position still exactly zero
+    reports = list(result.reconstruction.values())
+    assert len(reports) == 2 and all(r.heldout_after <= r.heldout_before for r in reports)
+    assert _output_error(rebuilt, dense, windows) < 0.9 * _output_error(plain, dense, windows)
+
+
+def test_pruned_positions_get_zero_gradient_in_every_step(windows, monkeypatch):
+    seen = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.extend((p, p.grad.detach().clone()) for group in self.param_groups for p in group["params"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    _, model, result = _pruned_pair(
+        "llama", windows, method="magnitude", sparsity=0.5, reconstruction="block", reconstruction_epochs=1
+    )
+    names = {id(module.weight): name for name, module in model.named_modules() if name in result.masks}
+    assert seen
+    for param, grad in seen:
+        mask = result.masks[names[id(param)]]
+        assert bool((grad[~mask] == 0).all()) and bool((grad[mask] != 0).any())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_dense_inputs_and_other_architectures(arch, windows):
+    dense, plain, _ = _pruned_pair(arch, windows, method="wanda", sparsity=0.6)
+    _, rebuilt, result = _pruned_pair(
+        arch, windows, method="wanda", sparsity=0.6, reconstruction="block", reconstruction_inputs="dense"
+    )
+    assert result.sparsity == pytest.approx(0.6, abs=0.01)
+    assert _output_error(rebuilt, dense, windows) < _output_error(plain, dense, windows)
+
+
+def test_reconstruction_after_layer_budgets_and_after_a_refit_on_given_masks(windows):
+    from optimum_sparse.refit import refit_weights
+
+    dense, _, result = _pruned_pair("llama", windows, method="wanda", sparsity=0.6, sparsity_profile="owl")
+    errors = {}
+    for reconstruction in (None, "block"):
+        model = build_model("llama")  # dense weights, the OWL run's masks given
+        config = SparsityConfig(
+            method="admm", reconstruction=reconstruction, device="cpu", admm_iterations=4, admm_gradual_steps=2
+        )
+        refit_weights(model, windows, masks=result.masks, config=config, show_progress=False)
+        for name, mask in result.masks.items():
+            assert bool((get_weight(model.get_submodule(name))[~mask] == 0).all())
+        errors[reconstruction] = _output_error(model, dense, windows)
+    assert errors["block"] < errors[None]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(reconstruction="layer"), "reconstruction must be None or 'block'"),
+        (dict(reconstruction="block", reconstruction_inputs="mixed"), "reconstruction_inputs must be one of"),
+        (dict(reconstruction="block", reconstruction_holdout=0.6), "reconstruction_holdout must be a number in"),
+        (dict(reconstruction="block", reconstruction_epochs=0), "reconstruction_epochs must be a positive integer"),
+    ],
+)
+def test_bad_reconstruction_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SparsityConfig(method="wanda", **settings)
