@@ -7,7 +7,8 @@ first 40 non-overlapping windows x 1024 tokens of test.txt. Each row runs in its
     python benchmarks/ppl_table.py                       # every row (about 30 min on 2 cores)
     python benchmarks/ppl_table.py --rows wanda sparsegpt --sparsities 0.5 2:4
 
-Prints a markdown table, then one JSON line with every measurement.
+Prints a markdown table, then one JSON line with every measurement; `--plot ppl.png` also draws the
+perplexity of the rows measured against their sparsity (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ def run_cli(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def plot_rows(results: list[dict], path: str, model: str | None) -> str:
+    """Perplexity against sparsity of the rows that measured one (dense as the reference line)."""
+    from optimum_sparse.plots import ppl_vs_sparsity_plot
+
+    records = [
+        {"method": r["row"], "sparsity": r["sparsity"], "ppl": r["ppl"]}
+        for r in results
+        if "ppl" in r and "error" not in r
+    ]
+    name = os.path.basename(os.path.normpath(model)) if model else "SmolLM2-135M"
+    return ppl_vs_sparsity_plot(records, path, title=f"{name}: perplexity vs sparsity")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=["magnitude", "wanda", "sparsegpt"], choices=sorted(ROWS))
@@ -71,8 +85,19 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=1024)
     parser.add_argument("--eval-max-windows", type=int, default=40)
     parser.add_argument("--skip-eval", action="store_true", help="time pruning only (no perplexity)")
+    parser.add_argument("--plot", default=None, metavar="PATH.png", help="also draw perplexity vs sparsity to this PNG")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every prune run")
     args = parser.parse_args()
+    if args.plot:
+        from optimum_sparse.plots import check_png_path, require_matplotlib
+
+        try:  # before half an hour of pruning, not after
+            check_png_path(args.plot)
+            require_matplotlib()
+        except (ValueError, OSError, ImportError) as err:
+            parser.error(f"--plot: {err}")
+        if args.skip_eval:
+            parser.error("--plot draws perplexities; it cannot be combined with --skip-eval")
 
     model = ["--model", args.model] if args.model else []
     evaluation = [
@@ -119,7 +144,14 @@ def main() -> None:
         rss_text = f"{rss:.0f}" if rss is not None else ""
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
         print(f"| {r['row']} | {r['sparsity']} | {ppl} | {seconds:.0f} | {rss_text} | {ref} |")
-    print(json.dumps({"benchmark": "ppl_table", "results": results}))
+    summary = {"benchmark": "ppl_table", "results": results}
+    if args.plot:
+        try:
+            summary["plot"] = plot_rows(results, args.plot, args.model)
+            print(f"plot: {summary['plot']}", file=sys.stderr)
+        except ValueError as err:  # e.g. every row failed: the table and the JSON line still come out
+            print(f"plot not drawn: {err}", file=sys.stderr)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,23 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
 
 
+def _add_report_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        help="the saved model: a local directory (plain, compact or sliced checkpoint), a .gguf file or a Hub id",
+    )
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="draw the per-layer sparsity to this PNG (needs matplotlib); for a channel-sliced model also the "
+        "channels kept per block, to FILE-channels.png beside it",
+    )
+    parser.add_argument("--json", action="store_true", help="end the output with one JSON line of results")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+
+
 def build_parser(prog: str = "optimum-sparse") -> argparse.ArgumentParser:
     """Every command and flag; `prog` names the program in usage and errors (`optimum-cli sparse` there)."""
     parser = argparse.ArgumentParser(
@@ -135,6 +152,9 @@ def build_parser(prog: str = "optimum-sparse") -> argparse.ArgumentParser:
     export.add_argument("--name", default=None, help="general.name in the file (default: the model's name)")
     export.add_argument("--json", action="store_true", help="end the output with one JSON line of results")
     export.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+
+    report = sub.add_parser("report", help="per-layer sparsity of a saved model, optionally drawn to a PNG")
+    _add_report_args(report)
     return parser
 
 
@@ -345,7 +365,54 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-COMMANDS = {"prune": run_prune, "eval": run_eval, "export": run_export}
+def channels_plot_path(plot: str) -> str:
+    """Where `report --plot FILE.png` draws a sliced model's channels per block: FILE-channels.png."""
+    return plot[: -len(".png")] + "-channels.png"
+
+
+def run_report(args: argparse.Namespace) -> dict[str, Any]:
+    """Measured sparsity of every prunable linear of a saved model; with --plot, the pictures of it."""
+    from optimum_sparse.loading import check_model_reference
+
+    check_model_reference(args.model)
+    if args.plot:
+        from optimum_sparse.plots import check_png_path, require_matplotlib
+
+        check_png_path(args.plot)
+        try:
+            require_matplotlib()
+        except ImportError as err:  # a missing optional dependency: the user can fix it
+            raise ValueError(str(err)) from None
+    from optimum_sparse.auto_loading import load_model_and_tokenizer
+    from optimum_sparse.evaluation import format_sparsity_report, sparsity_report
+
+    try:
+        model, _ = load_model_and_tokenizer(args.model, args.dtype)
+    except OSError as err:
+        if os.path.exists(args.model):
+            raise
+        raise FileNotFoundError(f"{args.model!r} is neither a local path nor a model on the Hub ({err})") from None
+    report = sparsity_report(model)
+    print(format_sparsity_report(report))
+    record: dict[str, Any] = {"model": args.model, "measured_sparsity": report["total"], "layers": report["layers"]}
+    kept = getattr(model.config, "sliced_units", None)
+    if kept:
+        record["sliced_units"] = dict(kept)
+    if args.plot:
+        from optimum_sparse.plots import channels_per_block_plot, layer_sparsity_plot
+
+        name = os.path.basename(os.path.normpath(args.model))
+        title = f"Sparsity per layer: {name} ({report['total']:.1%} overall)"
+        record["plot"] = layer_sparsity_plot(report, args.plot, title=title)
+        if kept:
+            record["channels_plot"] = channels_per_block_plot(
+                model.config.to_dict(), channels_plot_path(args.plot), title=f"Channels kept per block: {name}"
+            )
+    record["peak_rss_mb"] = peak_rss_mb()
+    return record
+
+
+COMMANDS = {"prune": run_prune, "eval": run_eval, "export": run_export, "report": run_report}
 
 
 def run_command(args: argparse.Namespace, prog: str = "optimum-sparse") -> int:
@@ -366,6 +433,8 @@ def run_command(args: argparse.Namespace, prog: str = "optimum-sparse") -> int:
         return 1
     record["total_seconds"] = time.perf_counter() - start
     for key, value in record.items():
+        if isinstance(value, dict):  # per-layer detail: in the JSON line and the report printed above
+            continue
         print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
     if args.json:
         print(json.dumps(record))
