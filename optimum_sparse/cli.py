@@ -346,6 +346,8 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
             )
         if "zero_shot" in record:  # {task: {acc, acc_stderr, ...}}, rendered by the model card
             sparse.metrics["zero_shot"] = record["zero_shot"]
+            if "zero_shot_dense" in record:
+                sparse.metrics["zero_shot_dense"] = record["zero_shot_dense"]
             if args.eval_limit is not None:
                 sparse.metrics["zero_shot_limit"] = args.eval_limit
         # written next to --output and renamed into place: a failure leaves no partial directory

@@ -62,8 +62,10 @@ def test_prune_reports_zero_shot_accuracy_of_dense_and_pruned_and_stores_it_for_
 
     saved = json.loads((output / "sparsity_config.json").read_text(encoding="utf-8"))
     assert saved["metrics"]["zero_shot"] == record["zero_shot"]
+    assert saved["metrics"]["zero_shot_dense"] == record["zero_shot_dense"]
     assert saved["metrics"]["zero_shot_limit"] == 8
-    assert (output / "README.md").is_file()
+    card = (output / "README.md").read_text(encoding="utf-8")
+    assert "| task | metric | pruned (this model) | dense (before pruning) |" in card  # both columns
 
 
 def test_eval_reads_tasks_from_an_include_path_without_perplexity_data(saved_llama, tmp_path, capsys):
