@@ -151,6 +151,19 @@ def build_parser(prog: str = "optimum-sparse") -> argparse.ArgumentParser:
         "plain transformers loads (Llama, Mistral, Qwen2/3, Gemma)",
     )
     prune.add_argument(
+        "--sparsity-profile",
+        default=None,
+        help="how the sparsity is spread over the blocks: uniform (default) or owl (fewer zeros where outlier "
+        "features are many; unstructured only)",
+    )
+    prune.add_argument(
+        "--reconstruct",
+        default=None,
+        metavar="block",
+        help="block: after each block's masks are chosen, fit its kept weights to the dense block's output "
+        "(masks fixed; --set reconstruction_inputs=dense|pruned, reconstruction_epochs=N, ...)",
+    )
+    prune.add_argument(
         "--skip-dense-eval", action="store_true", help="with --eval-data/--eval-tasks, evaluate only the pruned model"
     )
     _add_eval_args(prune)
@@ -215,6 +228,8 @@ def config_from_args(args: argparse.Namespace) -> SparsityConfig:
         "block_size": args.block_size,
         "weight_update": args.weight_update,
         "device": args.device,
+        "sparsity_profile": args.sparsity_profile,
+        "reconstruction": args.reconstruct,
     }
     if args.sequential_update:
         overrides["sequential_update"] = True

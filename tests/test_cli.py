@@ -309,3 +309,23 @@ def test_report_flag_prints_per_layer_and_total_sparsity(saved_llama, capsys):
     assert "model.layers.0.mlp.down_proj" in out
     total = [line for line in out.splitlines() if line.startswith("total")]
     assert total and abs(float(total[0].split()[-1]) - 0.5) < 1e-3
+
+
+def test_owl_profile_and_block_reconstruction_flags_reach_the_config_and_the_saved_file(
+    saved_llama, text_file, tmp_path, capsys
+):
+    output = tmp_path / "owl"
+    extra = ["--method", "wanda", "--sparsity", "0.6", "--sparsity-profile", "owl", "--reconstruct", "block"]
+    extra += ["--set", "owl_m=3", "reconstruction_epochs=2", "--output", os.fspath(output), "--json"]
+    assert cli.main(_prune_args(saved_llama, text_file, *extra)) == 0
+    record = _last_json(capsys.readouterr().out)
+    assert record["measured_sparsity"] == pytest.approx(0.6, abs=0.01)  # 32-wide rows round each budget
+    saved = json.loads((output / CONFIG_NAME).read_text())
+    assert saved["sparsity_profile"] == "owl" and saved["reconstruction"] == "block" and saved["owl_m"] == 3
+    assert len(set(round(v, 3) for v in saved["block_sparsity"].values())) == 2  # two blocks, two budgets
+
+
+def test_a_bad_reconstruction_value_exits_2_before_loading(tmp_path, text_file, capsys):
+    code = cli.main(["prune", "--model", os.fspath(tmp_path / "missing"), "--reconstruct", "layer"])
+    assert code == 2
+    assert "reconstruction must be None or 'block'" in capsys.readouterr().err
