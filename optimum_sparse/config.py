@@ -83,7 +83,9 @@ class SparsityConfig:
         ignore: regexes of module names never pruned. lm_head and embeddings are always skipped.
         mask_scope: "row" compares weights within each output row, "layer" across the whole layer.
             None picks the method's default (magnitude: layer, wanda: row).
-        num_samples, seq_len, seed: calibration windows (count, tokens each, sampling seed).
+        num_samples: calibration windows drawn from the calibration text.
+        seq_len: tokens in each calibration window.
+        seed: seed of the window offsets, so a config reproduces its calibration set.
         sequential_update: calibrate each group of linears on the outputs of already-pruned
             earlier sub-layers of the same block (more forward passes, better quality).
         device: where blocks are processed ("auto": CUDA if present, else CPU).
