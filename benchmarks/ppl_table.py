@@ -51,6 +51,11 @@ ROWS = {
     "pg-block": ["--method", "pg", "--set", "pg_objective=block"],
     "pg-block+admm": ["--method", "pg", "--set", "pg_objective=block", "--weight-update", "admm"],
 }
+# layer budgets (OWL) and block reconstruction on top of ADMM and SparseLLM (docs/quality.md)
+for _method in ("admm", "sparsellm"):
+    ROWS[f"{_method}+owl"] = ["--method", _method, "--sparsity-profile", "owl"]
+    ROWS[f"{_method}+recon"] = ["--method", _method, "--reconstruct", "block"]
+    ROWS[f"{_method}+owl+recon"] = ["--method", _method, "--sparsity-profile", "owl", "--reconstruct", "block"]
 
 
 def run_cli(args: list[str]) -> dict:
