@@ -152,6 +152,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
     parser.add_argument("--speed-only", action="store_true", help="time only; perplexities from the last full run")
+    parser.add_argument(
+        "--skip-speed", action="store_true", help="perplexities and sizes only; speeds from the last timed run"
+    )
     args = parser.parse_args()
     os.makedirs(OUT, exist_ok=True)
     if args.prepare:
@@ -166,13 +169,14 @@ def main() -> None:
     records = {}
     for row in rows:
         records[row] = measure(row, args.threads, speed_only=args.speed_only)
-        if args.speed_only:
-            records[row] = {**saved[row], **records[row]} if row in saved else records[row]
+        if args.speed_only or args.skip_speed:
+            records[row] = {**saved.get(row, {}), **records[row]}
         logger.info("measured %s", row)
     paths = {(row, t): os.path.join(OUT, f"{row}.{t}.gguf") for row in rows for t in ("f16", "q8_0")}
     prompt = records[rows[0]].pop("prompt")
-    for (row, outtype), (pp, tg) in llama_cpp_speed(paths, prompt, args.threads, args.repeats).items():
-        records[row][f"pp_tps_{outtype}"], records[row][f"tg_tps_{outtype}"] = pp, tg
+    if not args.skip_speed:
+        for (row, outtype), (pp, tg) in llama_cpp_speed(paths, prompt, args.threads, args.repeats).items():
+            records[row][f"pp_tps_{outtype}"], records[row][f"tg_tps_{outtype}"] = pp, tg
     for record in records.values():
         record.pop("prompt", None)
     saved.update(records)

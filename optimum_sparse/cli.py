@@ -168,6 +168,12 @@ def build_parser(prog: str = "optimum-sparse") -> argparse.ArgumentParser:
         "(masks fixed; --set reconstruction_inputs=dense|pruned, reconstruction_epochs=N, ...)",
     )
     prune.add_argument(
+        "--resume-dir",
+        default=None,
+        metavar="DIR",
+        help="record every finished block in DIR; the same command run again continues after the last one",
+    )
+    prune.add_argument(
         "--skip-dense-eval", action="store_true", help="with --eval-data/--eval-tasks, evaluate only the pruned model"
     )
     _add_eval_args(prune)
@@ -325,7 +331,7 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
             logger.info("dense perplexity: %.3f", record["ppl_dense"])
     if zero_shot_tasks is not None and not args.skip_dense_eval:
         record["zero_shot_dense"] = _zero_shot(model, tokenizer, zero_shot_tasks, args)
-    result = prune(model, config, args.calibration_data, tokenizer, show_progress=progress)
+    result = prune(model, config, args.calibration_data, tokenizer, show_progress=progress, resume_dir=args.resume_dir)
     record["measured_sparsity"] = result.sparsity
     record["prune_seconds"] = result.seconds
     logger.info("pruned %d layers to %.4f sparsity in %.1f s", len(result.masks), result.sparsity, result.seconds)

@@ -16,6 +16,7 @@ group and each group is calibrated on the outputs of the already-pruned groups b
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -29,6 +30,7 @@ from optimum_sparse.budgets import check_one_budget_per_block, explicit_budgets,
 from optimum_sparse.calibration import CalibrationSource, get_calibration_data
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.reconstruction import DenseStream
+from optimum_sparse.resume import ResumeLog
 from optimum_sparse.solvers import get_solver_class
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ def prune(
     fixed_masks: dict[str, torch.Tensor] | None = None,
     show_progress: bool = True,
     on_block_done: Callable[[int], None] | None = None,
+    resume_dir: str | os.PathLike | None = None,
 ) -> PruningResult:
     """Prune `model` in place with `config.method`, one block at a time.
 
@@ -62,11 +65,15 @@ def prune(
         tokenizer: turns calibration text into tokens.
         fixed_masks: {module name: bool mask}; when given, masks are not chosen but the weights are
             refitted on them (weight-update-only mode, see `refit_weights`).
+        resume_dir: record every finished block there; a run started again with the same config and
+            model continues after the last recorded block (`optimum_sparse.resume`).
     Returns:
         `PruningResult` with the masks and per-layer sparsity.
     """
     start = time.perf_counter()
     per_block = find_prunable_layers(model, config)  # validates targets / N:M before any work
+    resume = ResumeLog(resume_dir, config, model) if resume_dir is not None else None
+    done = resume.finished_blocks() if resume is not None else 0  # a different run is refused here
     solver = get_solver_class(config.method)(config)
     budgets = None  # {layer: sparsity} under layer budgets; explicit ones are checked before any work
     if config.layer_sparsity is not None and fixed_masks is None:
@@ -104,7 +111,11 @@ def prune(
             )
         result.budgets = budgets or {}
         dense = DenseStream(inputs) if reconstructing else None
-        for index in tqdm(range(len(blocks)), desc=desc, disable=not show_progress):
+        earlier_seconds = resume.restore(done, blocks, inputs, result, dense) if done else 0.0
+        start -= earlier_seconds
+        for index in tqdm(
+            range(done, len(blocks)), desc=desc, disable=not show_progress, initial=done, total=len(blocks)
+        ):
             block = blocks[index]
             home = next(block.parameters()).device
             if inputs is not None:  # without calibration (magnitude) weights are copied layer by layer
@@ -141,6 +152,9 @@ def prune(
                 if dense is not None:
                     dense.advance(targets if targets is not None else dense.targets(block))
                 block.to(home)
+            if resume is not None:
+                result.seconds = time.perf_counter() - start
+                resume.record(index, block, [layer.name for layer in per_block[index]], inputs, result, dense)
             if on_block_done:
                 on_block_done(index)
         return result
