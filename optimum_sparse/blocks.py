@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from optimum_sparse.architecture import PrunableLayer, get_weight
+from optimum_sparse.distributed import broadcast, rank_and_world
 from optimum_sparse.solvers import LayerResult, LayerStatistics, Solver
 
 logger = logging.getLogger(__name__)
@@ -226,6 +227,8 @@ def collect_statistics(
     finally:
         for h in handles:
             h.remove()
+    for shared in {id(s): s for s in stats.values()}.values():
+        shared.all_reduce()  # a distributed run: every rank gets the statistics of all the windows
     return stats
 
 
@@ -284,6 +287,28 @@ def _write(
         logger.debug("%s: sparsity %.3f, relative error %.4g", layer.name, result.layer_sparsity[layer.name], error)
 
 
+@torch.no_grad()
+def share_layer(layer: PrunableLayer, owner: int, result: PruningResult) -> LayerResult:
+    """Broadcast the weights, mask and error that rank `owner` computed for `layer`, and record them."""
+    weight = get_weight(layer.module)
+    broadcast(layer.module.weight.data, owner)
+    device = weight.device
+    mask = result.masks.get(layer.name)
+    mask = (
+        mask.to(device, torch.uint8)
+        if mask is not None
+        else torch.zeros(weight.shape, dtype=torch.uint8, device=device)
+    )
+    broadcast(mask, owner)
+    error = torch.tensor([result.layer_errors.get(layer.name, float("nan"))], dtype=torch.float64, device=device)
+    broadcast(error, owner)
+    result.masks[layer.name] = mask.to("cpu", torch.bool)
+    result.layer_sparsity[layer.name] = 1.0 - float(mask.sum()) / mask.numel()
+    if not torch.isnan(error).item():
+        result.layer_errors[layer.name] = float(error.item())
+    return LayerResult(weight.detach().float().clone(), result.masks[layer.name])
+
+
 @dataclass
 class BlockContext:
     """One block being pruned: what every solver's `prune_block` works with (see `solvers.base.BlockView`)."""
@@ -305,6 +330,8 @@ class BlockContext:
     fixed_masks: dict[str, torch.Tensor] | None = None
     #: {layer name: sparsity} when layer budgets differ from the config's sparsity (`optimum_sparse.budgets`)
     layer_sparsity: dict[str, float] | None = None
+    #: layers solved so far in this block (a distributed run hands them to the ranks in turn)
+    _solved: int = 0
 
     def groups(self, layers: list[PrunableLayer] | None = None) -> list[list[PrunableLayer]]:
         """Layers grouped by shared input tensor (q/k/v; gate/up), in call order."""
@@ -379,7 +406,15 @@ class BlockContext:
         if self.layer_sparsity is not None and layer.name in self.layer_sparsity:
             solver = solver.with_sparsity(self.layer_sparsity[layer.name])
             refit = refit.with_sparsity(self.layer_sparsity[layer.name]) if refit is not None else None
-        return prune_and_write(layer, stats, solver, refit, mask, self.device, self.result)
+        rank, world = rank_and_world()
+        if world == 1:
+            return prune_and_write(layer, stats, solver, refit, mask, self.device, self.result)
+        # distributed: the layers of a block are solved round-robin over the ranks, then shared
+        owner = self._solved % world
+        self._solved += 1
+        if rank == owner:
+            prune_and_write(layer, stats, solver, refit, mask, self.device, self.result)
+        return share_layer(layer, owner, self.result)
 
     def write(self, layer: PrunableLayer, outcome: LayerResult, stats: LayerStatistics | None = None) -> None:
         """Write weights a block-level solver computed itself, checking them and recording the mask."""

@@ -68,6 +68,8 @@ def owl_outlier_ratios(
         finally:
             for handle in handles:
                 handle.remove()
+        for layer_stats in stats.values():
+            layer_stats.all_reduce()
         scores = [
             get_weight(layer.module).detach().to(device, torch.float32).abs() * stats[layer.name].sq_norms.sqrt()
             for layer in per_block.get(index, [])

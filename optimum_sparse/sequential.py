@@ -29,6 +29,7 @@ from optimum_sparse.blocks import BlockContext, BlockInputs, PruningResult, capt
 from optimum_sparse.budgets import check_one_budget_per_block, explicit_budgets, owl_budgets
 from optimum_sparse.calibration import CalibrationSource, get_calibration_data
 from optimum_sparse.config import SparsityConfig
+from optimum_sparse.distributed import is_distributed, shard
 from optimum_sparse.reconstruction import DenseStream
 from optimum_sparse.resume import ResumeLog
 from optimum_sparse.solvers import get_solver_class
@@ -79,6 +80,11 @@ def prune(
     if config.layer_sparsity is not None and fixed_masks is None:
         budgets = check_one_budget_per_block(solver, explicit_budgets(config, per_block), per_block)
     owl = config.sparsity_profile == "owl" and fixed_masks is None
+    if is_distributed() and (solver.prunes_whole_blocks() or config.reconstruction):
+        raise ValueError(
+            f"a distributed run shares per-layer statistics; {config.method!r} with block-level work "
+            "(block solvers, block reconstruction) runs in one process: launch it without torchrun"
+        )
     blocks_name, blocks = find_blocks(model)
     solver.check_model(model)
     refit = get_solver_class(config.weight_update)(config) if config.weight_update else None
@@ -104,6 +110,7 @@ def prune(
                 calibration, tokenizer, model, config.num_samples, config.seq_len, config.seed
             )
             logger.info("calibrating on %d windows x %d tokens", windows.shape[0], windows.shape[1])
+            windows = shard(windows)  # distributed: this rank's share; the statistics are summed over ranks
             inputs = capture_block_inputs(model, blocks, windows, device)
         if owl:
             budgets = check_one_budget_per_block(

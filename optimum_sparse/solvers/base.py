@@ -24,6 +24,7 @@ from torch import nn
 
 from optimum_sparse.architecture import PrunableLayer
 from optimum_sparse.config import SparsityConfig
+from optimum_sparse.distributed import all_reduce_sum, is_distributed
 from optimum_sparse.options import Option, optional_positive
 
 #: the Hessian dampening setting, shared by the methods that invert H (same name, same meaning)
@@ -63,6 +64,21 @@ class LayerStatistics:
             self.hessian.mul_(self.num_tokens / total)
             self.hessian.addmm_(x.t(), x, alpha=1.0 / total)
         self.num_tokens += tokens
+
+    @torch.no_grad()
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks of a distributed run (each saw its own windows)."""
+        if not is_distributed():
+            return
+        tokens = torch.tensor([float(self.num_tokens)], device=self.sq_norms.device)
+        all_reduce_sum(self.sq_norms)
+        if self.hessian is not None:
+            self.hessian.mul_(float(self.num_tokens))  # the running mean as a sum, summed, then a mean again
+            all_reduce_sum(self.hessian)
+        all_reduce_sum(tokens)
+        self.num_tokens = int(tokens.item())
+        if self.hessian is not None:
+            self.hessian.div_(max(self.num_tokens, 1))
 
     @property
     def norms(self) -> torch.Tensor:
