@@ -168,6 +168,12 @@ def build_parser(prog: str = "optimum-sparse") -> argparse.ArgumentParser:
         "(masks fixed; --set reconstruction_inputs=dense|pruned, reconstruction_epochs=N, ...)",
     )
     prune.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="draw the pruned model's sparsity per layer to this PNG (a sliced model: also FILE-channels.png)",
+    )
+    prune.add_argument(
         "--resume-dir",
         default=None,
         metavar="DIR",
@@ -332,6 +338,7 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     if args.slice and args.compact:
         raise ValueError("--slice saves a smaller dense model; --compact does not apply to it")
     zero_shot_tasks = _prepare_zero_shot(args)
+    _check_plot(args.plot)
     rank, world = _join_launcher(args, config, zero_shot_tasks)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     get_solver_class(config.method)(config).check_model(model)  # e.g. uniform widths on an unsupported type
@@ -410,6 +417,9 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("saved to %s", args.output)
     if args.report:
         print(format_sparsity_report(sparsity_report(model)))
+    if args.plot and rank == 0:
+        name = os.path.basename(os.path.normpath(args.output or args.model or "SmolLM2-135M"))
+        record.update(_draw_plots(model, sparsity_report(model), args.plot, name))
     record["peak_rss_mb"] = peak_rss_mb()
     return record
 
@@ -491,14 +501,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
     from optimum_sparse.loading import check_model_reference
 
     check_model_reference(args.model)
-    if args.plot:
-        from optimum_sparse.plots import check_png_path, require_matplotlib
-
-        check_png_path(args.plot)
-        try:
-            require_matplotlib()
-        except ImportError as err:  # a missing optional dependency: the user can fix it
-            raise ValueError(str(err)) from None
+    _check_plot(args.plot)
     from optimum_sparse.auto_loading import load_model_and_tokenizer
     from optimum_sparse.evaluation import format_sparsity_report, sparsity_report
 
@@ -515,17 +518,36 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
     if kept:
         record["sliced_units"] = dict(kept)
     if args.plot:
-        from optimum_sparse.plots import channels_per_block_plot, layer_sparsity_plot
-
-        name = os.path.basename(os.path.normpath(args.model))
-        title = f"Sparsity per layer: {name} ({report['total']:.1%} overall)"
-        record["plot"] = layer_sparsity_plot(report, args.plot, title=title)
-        if kept:
-            record["channels_plot"] = channels_per_block_plot(
-                model.config.to_dict(), channels_plot_path(args.plot), title=f"Channels kept per block: {name}"
-            )
+        record.update(_draw_plots(model, report, args.plot, os.path.basename(os.path.normpath(args.model))))
     record["peak_rss_mb"] = peak_rss_mb()
     return record
+
+
+def _check_plot(plot: str | None) -> None:
+    """A --plot path that can be written, and matplotlib installed (before any work)."""
+    if not plot:
+        return
+    from optimum_sparse.plots import check_png_path, require_matplotlib
+
+    check_png_path(plot)
+    try:
+        require_matplotlib()
+    except ImportError as err:  # a missing optional dependency: the user can fix it
+        raise ValueError(str(err)) from None
+
+
+def _draw_plots(model, report: dict, plot: str, name: str) -> dict[str, str]:
+    """The per-layer sparsity to `plot`; a sliced model's channels per block beside it."""
+    from optimum_sparse.plots import channels_per_block_plot, layer_sparsity_plot
+
+    drawn = {
+        "plot": layer_sparsity_plot(report, plot, title=f"Sparsity per layer: {name} ({report['total']:.1%} overall)")
+    }
+    if getattr(model.config, "sliced_units", None):
+        drawn["channels_plot"] = channels_per_block_plot(
+            model.config.to_dict(), channels_plot_path(plot), title=f"Channels kept per block: {name}"
+        )
+    return drawn
 
 
 COMMANDS = {"prune": run_prune, "eval": run_eval, "export": run_export, "report": run_report}

@@ -216,3 +216,15 @@ def test_docs_pictures_draw_from_the_committed_data(tmp_path):
         path = draw(os.fspath(tmp_path / f"{name}.png"))
         _read_png(path)
         assert os.path.getsize(path) < 150 * 1024
+
+
+def test_prune_plot_draws_the_pruned_models_sparsity_per_layer(saved_llama, text_file, tmp_path, capsys):
+    from optimum_sparse import cli
+
+    plot = tmp_path / "pruned.png"
+    args = ["prune", "--model", saved_llama, "--method", "wanda", "--calibration-data", text_file, "--num-samples", "4"]
+    args += ["--seq-len", "32", "--device", "cpu", "--no-progress", "--json", "--plot", str(plot)]
+    assert cli.main(args) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["plot"] == str(plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
