@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -133,9 +133,26 @@ class BlockInputs:
         return max(1, min(len(windows), budget // shape[1]))
 
 
+class BlockSource(Protocol):
+    """Where block weights come from when the model is not in memory (`optimum_sparse.streaming`)."""
+
+    def load(self, index: int) -> None:
+        """Materialise block `index`'s weights."""
+
+    def release(self, index: int) -> None:
+        """Drop them again, unchanged (after a pass that only reads the block)."""
+
+    def finish(self, index: int) -> None:
+        """Write the pruned block out and drop it."""
+
+
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    windows: torch.Tensor,
+    device: torch.device,
+    source: BlockSource | None = None,
 ) -> BlockInputs:
     """Run the model up to block 0 on each window and record what block 0 receives.
 
@@ -163,6 +180,10 @@ def capture_block_inputs(
         block.register_forward_pre_hook(lambda m, a, k, i=i: pre_hook(m, a, k, i), with_kwargs=True)
         for i, block in enumerate(blocks)
     ]
+    if source is not None:  # blocks on disk: each is read for the one window that runs through them all
+        for i, block in enumerate(blocks):
+            handles.insert(0, block.register_forward_pre_hook(lambda m, a, i=i: source.load(i)))
+            handles.append(block.register_forward_hook(lambda m, a, o, i=i: source.release(i)))
     input_device = model.get_input_embeddings().weight.device
     try:
         for row in windows:

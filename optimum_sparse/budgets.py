@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from optimum_sparse.architecture import PrunableLayer, get_weight
-from optimum_sparse.blocks import BlockInputs
+from optimum_sparse.blocks import BlockInputs, BlockSource
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.solvers import LayerStatistics, Solver
 
@@ -47,6 +47,7 @@ def owl_outlier_ratios(
     inputs: BlockInputs,
     device: torch.device,
     m: float,
+    source: BlockSource | None = None,
 ) -> list[float]:
     """Each block's outlier ratio on the dense model, in one pass of the calibration windows.
 
@@ -55,6 +56,8 @@ def owl_outlier_ratios(
     """
     ratios = []
     for index, block in enumerate(blocks):
+        if source is not None:
+            source.load(index)
         home = next(block.parameters()).device
         block.to(device)
         inputs.use_block(index)
@@ -76,6 +79,8 @@ def owl_outlier_ratios(
         ]
         ratios.append(outlier_ratio(scores, m) if scores else 0.0)
         block.to(home)
+        if source is not None:
+            source.release(index)
     return ratios
 
 
@@ -137,10 +142,11 @@ def owl_budgets(
     per_block: dict[int, list[PrunableLayer]],
     inputs: BlockInputs,
     device: torch.device,
+    source: BlockSource | None = None,
 ) -> dict[str, float]:
     """{layer name: sparsity} of the OWL profile (every layer of a block at its block's budget)."""
     start_hidden, start_args, start_kwargs = inputs.hidden, inputs.args, inputs.kwargs
-    ratios = owl_outlier_ratios(blocks, per_block, inputs, device, config.owl_m)
+    ratios = owl_outlier_ratios(blocks, per_block, inputs, device, config.owl_m, source)
     inputs.hidden, inputs.args, inputs.kwargs = start_hidden, start_args, start_kwargs
     sizes = [sum(get_weight(layer.module).numel() for layer in per_block.get(i, [])) for i in range(len(blocks))]
     block_budgets = owl_sparsities(ratios, sizes, config.sparsity, config.owl_lambda)

@@ -174,6 +174,12 @@ def build_parser(prog: str = "optimum-sparse") -> argparse.ArgumentParser:
         help="draw the pruned model's sparsity per layer to this PNG (a sliced model: also FILE-channels.png)",
     )
     prune.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="prune a local safetensors checkpoint into --output holding one block's weights at a time "
+        "(models larger than memory)",
+    )
+    prune.add_argument(
         "--resume-dir",
         default=None,
         metavar="DIR",
@@ -324,6 +330,62 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _prune_from_disk(args: argparse.Namespace, config: SparsityConfig) -> dict[str, Any]:
+    """--low-memory: one block's weights in memory at a time, read from and written to safetensors shards."""
+    from optimum_sparse.streaming import prune_checkpoint, weight_map
+
+    unsupported = [
+        flag
+        for flag, on in (
+            ("--eval-data", args.eval_data),
+            ("--eval-tasks", args.eval_tasks),
+            ("--slice", args.slice),
+            ("--compact", args.compact),
+            ("--resume-dir", args.resume_dir),
+            ("--plot", args.plot),
+            ("--report", args.report),
+        )
+        if on
+    ]
+    if unsupported:
+        raise ValueError(
+            f"--low-memory writes the pruned checkpoint without holding the model; drop {unsupported} "
+            "(evaluate the output with `optimum-sparse eval` afterwards)"
+        )
+    if not args.model or not os.path.isdir(args.model) or not args.output:
+        raise ValueError("--low-memory prunes a local checkpoint directory (--model DIR) into --output DIR")
+    weight_map(args.model)  # a checkpoint without safetensors fails here
+    result = prune_checkpoint(
+        args.model,
+        args.output,
+        config,
+        args.calibration_data,
+        dtype=args.dtype,
+        show_progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    return {
+        "model": args.model,
+        "method": config.method,
+        "sparsity": config.pattern or config.sparsity,
+        "measured_sparsity": result.sparsity,
+        "prune_seconds": result.seconds,
+        "output": args.output,
+        "low_memory": True,
+        "peak_rss_mb": peak_rss_mb(),
+        **_peak_gpu(),
+    }
+
+
+def _peak_gpu() -> dict[str, float]:
+    """{"peak_gpu_mb": ...} when CUDA was used."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {}
+
+
 def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     from optimum_sparse.auto_loading import load_model_and_tokenizer
     from optimum_sparse.evaluation import format_sparsity_report, perplexity, sparsity_report
@@ -337,6 +399,8 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.slice and args.compact:
         raise ValueError("--slice saves a smaller dense model; --compact does not apply to it")
+    if args.low_memory:
+        return _prune_from_disk(args, config)
     zero_shot_tasks = _prepare_zero_shot(args)
     _check_plot(args.plot)
     rank, world = _join_launcher(args, config, zero_shot_tasks)
@@ -421,6 +485,7 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         name = os.path.basename(os.path.normpath(args.output or args.model or "SmolLM2-135M"))
         record.update(_draw_plots(model, sparsity_report(model), args.plot, name))
     record["peak_rss_mb"] = peak_rss_mb()
+    record.update(_peak_gpu())
     return record
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from optimum_sparse.architecture import find_blocks, find_prunable_layers
-from optimum_sparse.blocks import BlockContext, BlockInputs, PruningResult, capture_block_inputs
+from optimum_sparse.blocks import BlockContext, BlockInputs, BlockSource, PruningResult, capture_block_inputs
 from optimum_sparse.budgets import check_one_budget_per_block, explicit_budgets, owl_budgets
 from optimum_sparse.calibration import CalibrationSource, get_calibration_data
 from optimum_sparse.config import SparsityConfig
@@ -55,6 +55,7 @@ def prune(
     show_progress: bool = True,
     on_block_done: Callable[[int], None] | None = None,
     resume_dir: str | os.PathLike | None = None,
+    block_source: BlockSource | None = None,
 ) -> PruningResult:
     """Prune `model` in place with `config.method`, one block at a time.
 
@@ -68,11 +69,15 @@ def prune(
             refitted on them (weight-update-only mode, see `refit_weights`).
         resume_dir: record every finished block there; a run started again with the same config and
             model continues after the last recorded block (`optimum_sparse.resume`).
+        block_source: the blocks' weights are not in memory: it loads each block when its turn comes
+            and writes it out once pruned (`optimum_sparse.streaming.prune_checkpoint`).
     Returns:
         `PruningResult` with the masks and per-layer sparsity.
     """
     start = time.perf_counter()
     per_block = find_prunable_layers(model, config)  # validates targets / N:M before any work
+    if resume_dir is not None and block_source is not None:
+        raise ValueError("resume_dir works on a model in memory; pruning from disk cannot resume yet")
     resume = ResumeLog(resume_dir, config, model) if resume_dir is not None else None
     done = resume.finished_blocks() if resume is not None else 0  # a different run is refused here
     solver = get_solver_class(config.method)(config)
@@ -111,10 +116,10 @@ def prune(
             )
             logger.info("calibrating on %d windows x %d tokens", windows.shape[0], windows.shape[1])
             windows = shard(windows)  # distributed: this rank's share; the statistics are summed over ranks
-            inputs = capture_block_inputs(model, blocks, windows, device)
+            inputs = capture_block_inputs(model, blocks, windows, device, block_source)
         if owl:
             budgets = check_one_budget_per_block(
-                solver, owl_budgets(config, blocks, per_block, inputs, device), per_block
+                solver, owl_budgets(config, blocks, per_block, inputs, device, block_source), per_block
             )
         result.budgets = budgets or {}
         dense = DenseStream(inputs) if reconstructing else None
@@ -124,6 +129,8 @@ def prune(
             range(done, len(blocks)), desc=desc, disable=not show_progress, initial=done, total=len(blocks)
         ):
             block = blocks[index]
+            if block_source is not None:
+                block_source.load(index)
             home = next(block.parameters()).device
             if inputs is not None:  # without calibration (magnitude) weights are copied layer by layer
                 block.to(device)
@@ -159,6 +166,8 @@ def prune(
                 if dense is not None:
                     dense.advance(targets if targets is not None else dense.targets(block))
                 block.to(home)
+            if block_source is not None:
+                block_source.finish(index)
             if resume is not None:
                 result.seconds = time.perf_counter() - start
                 resume.record(index, block, [layer.name for layer in per_block[index]], inputs, result, dense)

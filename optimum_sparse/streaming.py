@@ -1,0 +1,210 @@
+"""Prune a checkpoint larger than memory: one block's weights in memory at a time, read and written by shard.
+
+`prune()` needs the whole model in memory. `prune_checkpoint` builds the model's skeleton without
+weights (accelerate's `init_empty_weights`), loads only what sits outside the decoder blocks
+(embeddings, final norm, head), and around the engine's block loop reads each block's tensors from the
+safetensors shards when its turn comes and, once pruned, writes them to the output as a shard of their
+own and drops them again. Neither reading nor saving ever holds more than one block (llm-compressor
+issue 1183: out of memory while saving). The calibration activations stay in the model's dtype.
+
+The result is the in-memory run's: the same engine, the same solvers, on the same tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from optimum_sparse.architecture import find_blocks
+from optimum_sparse.blocks import PruningResult
+from optimum_sparse.calibration import CalibrationSource
+from optimum_sparse.config import SparsityConfig
+from optimum_sparse.sequential import prune
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def weight_map(directory: str) -> dict[str, str]:
+    """{tensor name: shard file} of a safetensors checkpoint (sharded or single-file)."""
+    index = os.path.join(directory, INDEX_NAME)
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as handle:
+            return dict(json.load(handle)["weight_map"])
+    single = os.path.join(directory, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(
+            f"{directory} has no model.safetensors or {INDEX_NAME}: pruning from disk reads safetensors checkpoints "
+            "(save the model with save_pretrained(..., safe_serialization=True))"
+        )
+    with safe_open(single, "pt") as handle:
+        return {name: "model.safetensors" for name in handle.keys()}
+
+
+class ShardReader:
+    """Reads named tensors from the checkpoint's shards, one file handle per shard at a time."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.map = weight_map(directory)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.map[name], []).append(name)
+        tensors = {}
+        for file, wanted in by_file.items():
+            with safe_open(os.path.join(self.directory, file), "pt") as handle:
+                tensors.update({name: handle.get_tensor(name) for name in wanted})
+        return tensors
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Put `value` in place of parameter/buffer `name` (None: an empty meta tensor, freeing the memory)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    current = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
+    if value is None:
+        value = torch.empty_like(current, device="meta")
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def _own_names(model: nn.Module, prefix: str) -> list[str]:
+    """Checkpoint names of the parameters and persistent buffers under `prefix` (all when prefix is "")."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in model.named_buffers() if n.split(".")[-1] not in _non_persistent(model, n)]
+    return [n for n in names if n.startswith(prefix)]
+
+
+def _non_persistent(model: nn.Module, name: str) -> set[str]:
+    module_name = name.rpartition(".")[0]
+    module = model.get_submodule(module_name) if module_name else model
+    return set(getattr(module, "_non_persistent_buffers_set", set()))
+
+
+class BlockStreamer:
+    """Loads block i's weights before the engine prunes it, writes and frees them after."""
+
+    def __init__(self, model: nn.Module, reader: ShardReader, output: str, blocks_name: str, num_blocks: int):
+        self.model, self.reader, self.output = model, reader, output
+        self.blocks_name, self.num_blocks = blocks_name, num_blocks
+        self.written: dict[str, str] = {}
+
+    def names(self, index: int) -> list[str]:
+        prefix = f"{self.blocks_name}.{index}."
+        return [n for n in _own_names(self.model, prefix) if n in self.reader.map]
+
+    def load(self, index: int) -> None:
+        for name, tensor in self.reader.read(self.names(index)).items():
+            _set_tensor(self.model, name, tensor)
+
+    def release(self, index: int) -> None:
+        for name in self.names(index):
+            _set_tensor(self.model, name, None)
+
+    def finish(self, index: int) -> None:
+        names = self.names(index)
+        state = {name: self.model.get_parameter(name).detach().contiguous() for name in names}
+        file = f"model-block-{index:05d}.safetensors"
+        save_file(state, os.path.join(self.output, file), metadata={"format": "pt"})
+        self.written.update({name: file for name in state})
+        self.release(index)
+
+
+def prune_checkpoint(
+    source: str,
+    output: str,
+    config: SparsityConfig,
+    calibration: CalibrationSource = None,
+    tokenizer: Any = None,
+    *,
+    dtype: str | torch.dtype = "auto",
+    show_progress: bool = True,
+    overwrite: bool = False,
+) -> PruningResult:
+    """Prune the safetensors checkpoint `source` into `output`, holding one block's weights at a time.
+
+    The output is an ordinary sharded checkpoint (one shard per block plus one for the rest) with the
+    source's config, generation config and tokenizer files, and `sparsity_config.json`.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if os.path.exists(output) and os.listdir(output) and not overwrite:
+        raise FileExistsError(f"{output!r} exists and is not empty; pass overwrite=True or choose another path")
+    reader = ShardReader(source)  # a missing checkpoint fails here, before any work
+    model_config = AutoConfig.from_pretrained(source)
+    torch_dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or torch.float32
+    if dtype != "auto":
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if isinstance(torch_dtype, str):
+        torch_dtype = getattr(torch, torch_dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch_dtype)
+    model.eval()
+    blocks_name, blocks = find_blocks(model)
+    outside = [n for n in _own_names(model, "") if not n.startswith(f"{blocks_name}.") and n in reader.map]
+    for name, tensor in reader.read(outside).items():
+        _set_tensor(model, name, tensor.to(torch_dtype) if tensor.is_floating_point() else tensor)
+    if getattr(model_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".tmp-optimum-sparse-", dir=parent)
+    streamer = BlockStreamer(model, reader, stage, blocks_name, len(blocks))
+    try:
+        result = prune(
+            model,
+            config,
+            calibration,
+            tokenizer,
+            show_progress=show_progress,
+            block_source=streamer,
+        )
+        _write_rest(model, streamer, outside, stage)
+        model_config.save_pretrained(stage)
+        for extra in os.listdir(source):
+            if extra.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+                shutil.copy(os.path.join(source, extra), stage)
+        config.save_pretrained(stage, measured_sparsity=result.sparsity, measured_layer_sparsity=result.layer_sparsity)
+        if os.path.exists(output):
+            shutil.rmtree(output)
+        os.replace(stage, output)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return result
+
+
+def _write_rest(model: nn.Module, streamer: BlockStreamer, outside: list[str], stage: str) -> None:
+    """The tensors outside the blocks as the last shard, and the index of every shard."""
+    state, seen = {}, {}
+    for name in outside:
+        tensor = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+        if tensor.data_ptr() in seen:  # tied (lm_head = embeddings): saved once, as the checkpoint had it
+            continue
+        seen[tensor.data_ptr()] = name
+        state[name] = tensor.detach().contiguous()
+    save_file(state, os.path.join(stage, "model-rest.safetensors"), metadata={"format": "pt"})
+    mapping = {**streamer.written, **{name: "model-rest.safetensors" for name in state}}
+    total = sum(os.path.getsize(os.path.join(stage, f)) for f in set(mapping.values()))
+    with open(os.path.join(stage, INDEX_NAME), "w", encoding="utf-8") as handle:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}, handle, indent=2)

@@ -1,0 +1,100 @@
+"""Pruning from disk, one block in memory at a time: the output equals the in-memory run's."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import build_model, build_tokenizer, method_config
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from optimum_sparse import prune
+from optimum_sparse.streaming import prune_checkpoint
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("sharded") / "tiny"
+    build_model("llama", num_hidden_layers=3).save_pretrained(path, max_shard_size="20KB")  # several shards
+    build_tokenizer().save_pretrained(path)
+    return os.fspath(path)
+
+
+def _weights(directory) -> dict[str, torch.Tensor]:
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for file in set(index["weight_map"].values()):
+        tensors.update(load_file(directory / file))
+    return tensors
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(method="sparsegpt", sparsity=0.5),
+        dict(method="wanda", sparsity=0.6, sparsity_profile="owl", reconstruction="block", reconstruction_epochs=2),
+        dict(method="magnitude", sparsity=0.5),
+    ],
+    ids=["sparsegpt", "wanda+owl+reconstruction", "magnitude"],
+)
+def test_streamed_pruning_equals_the_in_memory_run(settings, sharded_llama, windows, tmp_path):
+    assert len(os.listdir(sharded_llama)) > 4  # the source really is sharded
+    config = method_config(device="cpu", **settings)
+    in_memory = AutoModelForCausalLM.from_pretrained(sharded_llama)
+    expected = prune(in_memory, config, windows, show_progress=False)
+
+    result = prune_checkpoint(sharded_llama, os.fspath(tmp_path / "out"), config, windows, show_progress=False)
+    streamed = _weights(tmp_path / "out")
+    for name, tensor in in_memory.state_dict().items():
+        if name in streamed:
+            assert torch.equal(streamed[name], tensor), name
+    assert set(result.masks) == set(expected.masks)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # an ordinary checkpoint
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=windows[:1]).logits, in_memory(input_ids=windows[:1]).logits)
+    saved = json.loads((tmp_path / "out" / "sparsity_config.json").read_text())
+    assert saved["measured_sparsity"] == pytest.approx(expected.sparsity)
+
+
+def test_a_directory_without_safetensors_fails_before_any_work(tmp_path, windows):
+    from optimum_sparse import SparsityConfig
+
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        prune_checkpoint(os.fspath(tmp_path), os.fspath(tmp_path / "out"), SparsityConfig(method="wanda"), windows)
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_one_block_holds_weights_at_a_time(sharded_llama, windows, tmp_path, monkeypatch):
+    from optimum_sparse import SparsityConfig
+    from optimum_sparse.streaming import BlockStreamer
+
+    materialised = []
+    original = BlockStreamer.load
+
+    def load(self, index):
+        blocks = self.model.get_submodule(self.blocks_name)
+        materialised.append(sum(any(not p.is_meta for p in block.parameters()) for block in blocks))
+        original(self, index)
+
+    monkeypatch.setattr(BlockStreamer, "load", load)
+    prune_checkpoint(sharded_llama, os.fspath(tmp_path / "out"), SparsityConfig(method="wanda"), windows)
+    assert len(materialised) >= 3 and max(materialised) == 0  # every other block is empty when one loads
+
+
+def test_the_cli_low_memory_flag_writes_the_same_checkpoint(sharded_llama, text_file, tmp_path, capsys):
+    from optimum_sparse import cli
+
+    common = ["prune", "--model", sharded_llama, "--calibration-data", text_file, "--num-samples", "4"]
+    common += ["--seq-len", "32", "--method", "sparsegpt", "--device", "cpu", "--no-progress", "--json"]
+    assert cli.main([*common, "--low-memory", "--output", os.fspath(tmp_path / "disk")]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["low_memory"] is True and record["peak_rss_mb"] > 0
+    assert cli.main([*common, "--output", os.fspath(tmp_path / "memory")]) == 0
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
+    assert all(torch.equal(streamed[k], loaded[k]) for k in loaded)
+    assert cli.main([*common, "--low-memory", "--eval-data", text_file, "--output", os.fspath(tmp_path / "x")]) == 2
+    assert "--low-memory writes the pruned checkpoint without holding the model" in capsys.readouterr().err
