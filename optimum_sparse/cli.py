@@ -180,6 +180,12 @@ def build_parser(prog: str = "optimum-sparse") -> argparse.ArgumentParser:
         "(models larger than memory)",
     )
     prune.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="refuse (before any work) a run whose estimated peak memory exceeds SIZE, e.g. 4GiB",
+    )
+    prune.add_argument(
         "--resume-dir",
         default=None,
         metavar="DIR",
@@ -377,6 +383,26 @@ def _prune_from_disk(args: argparse.Namespace, config: SparsityConfig) -> dict[s
     }
 
 
+def _check_memory(args: argparse.Namespace, config: SparsityConfig) -> None:
+    """Refuse, before any work, a run whose estimated peak exceeds --max-memory (naming what to change)."""
+    from optimum_sparse.streaming import estimate_peak_bytes, parse_size
+
+    cap = parse_size(args.max_memory)
+    if not args.model or not os.path.isdir(args.model):
+        raise ValueError("--max-memory estimates the run from a local checkpoint directory (--model DIR)")
+    need = estimate_peak_bytes(args.model, config, low_memory=args.low_memory)
+    logger.info("estimated peak: %s", {k: f"{v / 2**30:.2f} GiB" for k, v in need.items()})
+    if need["total"] > cap:
+        advice = "add --low-memory (one block in memory at a time)" if not args.low_memory else ""
+        if need["activations"] > need["weights"]:
+            advice = "lower --num-samples or --seq-len (the calibration activations dominate)"
+        raise ValueError(
+            f"this run needs about {need['total'] / 2**30:.2f} GiB (weights {need['weights'] / 2**30:.2f}, "
+            f"activations {need['activations'] / 2**30:.2f}, solver {need['solver'] / 2**30:.2f}), more than "
+            f"--max-memory {args.max_memory}: {advice or 'raise --max-memory'}"
+        )
+
+
 def _peak_gpu() -> dict[str, float]:
     """{"peak_gpu_mb": ...} when CUDA was used."""
     import torch
@@ -399,6 +425,8 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.slice and args.compact:
         raise ValueError("--slice saves a smaller dense model; --compact does not apply to it")
+    if args.max_memory:
+        _check_memory(args, config)
     if args.low_memory:
         return _prune_from_disk(args, config)
     zero_shot_tasks = _prepare_zero_shot(args)

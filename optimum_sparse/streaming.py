@@ -208,3 +208,66 @@ def _write_rest(model: nn.Module, streamer: BlockStreamer, outside: list[str], s
     total = sum(os.path.getsize(os.path.join(stage, f)) for f in set(mapping.values()))
     with open(os.path.join(stage, INDEX_NAME), "w", encoding="utf-8") as handle:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}, handle, indent=2)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "4GiB", "512MiB", "6GB", "1e9" (binary and decimal units)."""
+    units = {
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+    }
+    lowered = text.strip().lower()
+    unit = next((u for u in sorted(units, key=len, reverse=True) if lowered.endswith(u)), None)
+    number, factor = (lowered[: -len(unit)].strip(), units[unit]) if unit else (lowered.rstrip("b"), 1)
+    try:
+        value = float(number) * factor
+    except ValueError:
+        raise ValueError(f"--max-memory takes a size such as 4GiB, 512MiB or 6GB, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"--max-memory must be positive, got {text!r}")
+    return int(value)
+
+
+def estimate_peak_bytes(source: str, config: SparsityConfig, low_memory: bool) -> dict[str, int]:
+    """What a run on the checkpoint `source` will hold at its peak, from the shard headers alone.
+
+    weights: the whole model, or (low_memory) what sits outside the blocks plus one block; activations:
+    the calibration windows entering a block and leaving it (twice that with block reconstruction's
+    dense stream), in the checkpoint's dtype; solver: float32 copies of the largest layer and its
+    Hessian (with its factorisation). An estimate, checked before any work, not a measurement.
+    """
+    from transformers import AutoConfig
+
+    sizes: dict[str, tuple[int, int]] = {}  # name -> (elements, bytes per element)
+    mapping = weight_map(source)
+    for file in set(mapping.values()):
+        with safe_open(os.path.join(source, file), "pt") as handle:
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                numel = 1
+                for dim in piece.get_shape():
+                    numel *= dim
+                width = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(piece.get_dtype(), 4)
+                sizes[name] = (numel, width)
+    total = sum(n * w for n, w in sizes.values())
+    block_names = [name for name in sizes if ".0." in name and name.split(".0.")[0].endswith(("layers", "h", "blocks"))]
+    one_block = sum(sizes[n][0] * sizes[n][1] for n in block_names)
+    model_config = AutoConfig.from_pretrained(source)
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    layers = max(1, int(getattr(text, "num_hidden_layers", 1)))
+    outside = total - one_block * layers
+    width = max((w for _, w in sizes.values()), default=4)
+    hidden = int(getattr(text, "hidden_size", 0))
+    streams = 2 if config.reconstruction else 1
+    activations = 2 * streams * config.num_samples * config.seq_len * hidden * width
+    largest = max((sizes[n][0] for n in block_names), default=0)
+    widest = max(hidden, int(getattr(text, "intermediate_size", 0) or 0))
+    solver = 3 * largest * 4 + 3 * widest * widest * 4
+    weights = outside + one_block if low_memory else total
+    return {"weights": weights, "activations": activations, "solver": solver, "total": weights + activations + solver}

@@ -98,3 +98,30 @@ def test_the_cli_low_memory_flag_writes_the_same_checkpoint(sharded_llama, text_
     assert all(torch.equal(streamed[k], loaded[k]) for k in loaded)
     assert cli.main([*common, "--low-memory", "--eval-data", text_file, "--output", os.fspath(tmp_path / "x")]) == 2
     assert "--low-memory writes the pruned checkpoint without holding the model" in capsys.readouterr().err
+
+
+def test_max_memory_refuses_a_run_that_would_not_fit_and_names_the_fix(sharded_llama, text_file, tmp_path, capsys):
+    from optimum_sparse import cli
+
+    common = ["prune", "--model", sharded_llama, "--calibration-data", text_file, "--num-samples", "4"]
+    common += ["--seq-len", "32", "--method", "wanda", "--device", "cpu", "--no-progress", "--json"]
+    assert cli.main([*common, "--max-memory", "20KB", "--output", os.fspath(tmp_path / "a")]) == 2
+    assert "add --low-memory" in capsys.readouterr().err
+    assert cli.main([*common, "--max-memory", "1GiB", "--low-memory", "--output", os.fspath(tmp_path / "b")]) == 0
+    assert cli.main([*common, "--max-memory", "four", "--output", os.fspath(tmp_path / "c")]) == 2
+    assert "--max-memory takes a size such as 4GiB" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_memory_estimate_of_low_memory_holds_one_block_of_the_weights(sharded_llama):
+    from optimum_sparse import SparsityConfig
+    from optimum_sparse.streaming import estimate_peak_bytes
+
+    config = SparsityConfig(method="wanda", num_samples=4, seq_len=32)
+    whole, streamed = (
+        estimate_peak_bytes(sharded_llama, config, False),
+        estimate_peak_bytes(sharded_llama, config, True),
+    )
+    assert streamed["weights"] < whole["weights"]
+    block = (whole["weights"] - streamed["weights"]) / 2  # 3 blocks in the model, 1 held
+    assert block > 0 and streamed["activations"] == 2 * 4 * 32 * 32 * 4  # in + out windows, hidden 32, float32
