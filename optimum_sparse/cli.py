@@ -320,12 +320,9 @@ def _join_launcher(args: argparse.Namespace, config: SparsityConfig, zero_shot_t
     if launched_distributed():
         if zero_shot_tasks is not None:
             raise ValueError("--eval-tasks runs in one process: evaluate the saved model with `eval` afterwards")
-        solver = get_solver_class(config.method)
-        if solver.prunes_whole_blocks() or config.reconstruction:
-            raise ValueError(
-                f"a distributed run shares per-layer statistics; {config.method!r} with block-level work (block "
-                "solvers, block reconstruction) runs in one process: launch it without torchrun"
-            )
+        from optimum_sparse.sequential import check_distributable
+
+        check_distributable(config)
         init_from_launcher(config.device if config.device != "auto" else "cuda" if _cuda() else "cpu")
     return rank_and_world()
 

@@ -32,7 +32,7 @@ from optimum_sparse.config import SparsityConfig
 from optimum_sparse.distributed import is_distributed, shard
 from optimum_sparse.reconstruction import DenseStream
 from optimum_sparse.resume import ResumeLog
-from optimum_sparse.solvers import get_solver_class
+from optimum_sparse.solvers import Solver, get_solver_class
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,21 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_distributable(config: SparsityConfig) -> None:
+    """Refuse, before any work, what a distributed run cannot share: block-level solvers and reconstruction."""
+    if get_solver_class(config.method).prunes_whole_blocks() or config.reconstruction:
+        raise ValueError(
+            f"a distributed run shares per-layer statistics; {config.method!r} with block-level work "
+            "(block solvers, block reconstruction) runs in one process: launch it without torchrun"
+        )
+
+
+def _solver_for_block(solver: Solver, budgets: dict[str, float] | None, layers: list) -> Solver:
+    """The solver at the block's own budget when layer budgets give all its layers one sparsity."""
+    values = {budgets[layer.name] for layer in layers} if budgets and layers else set()
+    return solver.with_sparsity(values.pop()) if len(values) == 1 else solver
 
 
 def prune(
@@ -85,11 +100,8 @@ def prune(
     if config.layer_sparsity is not None and fixed_masks is None:
         budgets = check_one_budget_per_block(solver, explicit_budgets(config, per_block), per_block)
     owl = config.sparsity_profile == "owl" and fixed_masks is None
-    if is_distributed() and (solver.prunes_whole_blocks() or config.reconstruction):
-        raise ValueError(
-            f"a distributed run shares per-layer statistics; {config.method!r} with block-level work "
-            "(block solvers, block reconstruction) runs in one process: launch it without torchrun"
-        )
+    if is_distributed():
+        check_distributable(config)
     blocks_name, blocks = find_blocks(model)
     solver.check_model(model)
     refit = get_solver_class(config.weight_update)(config) if config.weight_update else None
@@ -149,10 +161,7 @@ def prune(
                 fixed_masks=fixed_masks,
                 layer_sparsity=budgets,
             )
-            block_solver = solver
-            if budgets and per_block[index]:
-                values = {budgets[layer.name] for layer in per_block[index]}
-                block_solver = solver.with_sparsity(values.pop()) if len(values) == 1 else solver
+            block_solver = _solver_for_block(solver, budgets, per_block[index])
             targets = dense.targets(block) if dense is not None and per_block[index] else None
             if fixed_masks is not None:
                 block_solver.refit_block(context)
