@@ -93,12 +93,13 @@ def owl_sparsities(ratios: list[float], sizes: list[int], target: float, lam: fl
     ratio = torch.tensor(ratios, dtype=torch.float64)
     weight = torch.tensor(sizes, dtype=torch.float64)
     weight = weight / weight.sum()
-    spread = ratio.max() - ratio.min()
-    scaled = (ratio - ratio.min()) / spread if spread > 0 else torch.zeros_like(ratio)
+    pruned = weight > 0  # a block without pruned layers neither sets the scale nor takes a budget
+    low, high = ratio[pruned].min(), ratio[pruned].max()
+    scaled = ((ratio - low) / (high - low) if high > low else torch.zeros_like(ratio)) * pruned
     budgets = target - 2.0 * lam * (scaled - (weight * scaled).sum())
     for _ in range(len(sizes)):
         clipped = budgets.clamp(0.0, MAX_BLOCK_SPARSITY)
-        free = (clipped > 0) & (clipped < MAX_BLOCK_SPARSITY)
+        free = (clipped > 0) & (clipped < MAX_BLOCK_SPARSITY) & pruned
         missing = target - float((weight * clipped).sum())
         if abs(missing) < 1e-12 or not free.any():
             budgets = clipped

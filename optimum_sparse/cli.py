@@ -322,7 +322,7 @@ def _join_launcher(args: argparse.Namespace, config: SparsityConfig, zero_shot_t
             raise ValueError("--eval-tasks runs in one process: evaluate the saved model with `eval` afterwards")
         from optimum_sparse.sequential import check_distributable
 
-        check_distributable(config)
+        check_distributable(config, args.resume_dir, args.low_memory)
         init_from_launcher(config.device if config.device != "auto" else "cuda" if _cuda() else "cpu")
     return rank_and_world()
 
@@ -425,6 +425,11 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_memory:
         _check_memory(args, config)
     if args.low_memory:
+        from optimum_sparse.distributed import launched_distributed
+        from optimum_sparse.sequential import check_distributable
+
+        if launched_distributed():
+            check_distributable(config, args.resume_dir, from_disk=True)
         return _prune_from_disk(args, config)
     zero_shot_tasks = _prepare_zero_shot(args)
     _check_plot(args.plot)

@@ -75,7 +75,7 @@ def reconstruct_block(
     epochs without improvement.
     """
     device = next(block.parameters()).device
-    dtype = next(block.parameters()).dtype
+    dtypes = {name: t.dtype for name, t in [*block.named_parameters(), *block.named_buffers()]}
     block.float()
     sources = [s.float() for s in sources]
     targets = [t.float() for t in targets]
@@ -140,8 +140,16 @@ def reconstruct_block(
         epochs=epochs,
         best_epoch=best_epoch,
     )
-    block.to(dtype)
+    _restore_dtypes(block, dtypes)
     return report
+
+
+def _restore_dtypes(block: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Each parameter and buffer back in the dtype it had (mixed-precision blocks stay mixed)."""
+    with torch.no_grad():
+        for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+            if tensor.dtype != dtypes[name]:
+                tensor.data = tensor.data.to(dtypes[name])
 
 
 class DenseStream:

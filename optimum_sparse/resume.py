@@ -9,7 +9,8 @@ first unfinished one, ending with the result an uninterrupted run gives, bit for
 
 Files (each written under a temporary name and renamed into place, so a crash while writing leaves the
 previous record intact): `run.json` (fingerprint), `block_N.safetensors` (weights), `masks_N.pt`,
-`state.pt` (activations, bookkeeping, random state) and `progress.json` ({"done": blocks finished}).
+`state.pt` (activations, bookkeeping, random state and the count of finished blocks; written last, so
+it is the record of truth) and `progress.json` ({"done": blocks finished}, for people).
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     return {"config": json.loads(json.dumps(described, default=str)), "weights_sha256": digest.hexdigest()}
 
 
+def _describe(calibration: Any) -> Any:
+    """What identifies the calibration data: a path with its size, a digest of token ids, or its repr."""
+    if isinstance(calibration, (str, os.PathLike)):
+        path = os.fspath(calibration)
+        return {"source": path, "bytes": os.path.getsize(path)} if os.path.isfile(path) else {"source": path}
+    if isinstance(calibration, torch.Tensor):
+        return {"tokens_sha256": hashlib.sha256(calibration.detach().cpu().numpy().tobytes()).hexdigest()}
+    if isinstance(calibration, (list, tuple)) and all(isinstance(t, str) for t in calibration):
+        return {"texts_sha256": hashlib.sha256("\x00".join(calibration).encode()).hexdigest()}
+    return {"source": repr(type(calibration).__name__)}
+
+
 def _atomic(path: str, write) -> None:
     temporary = f"{path}.tmp"
     write(temporary)
@@ -68,16 +81,17 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 class ResumeLog:
     """The resume directory of one run (see the module docstring)."""
 
-    def __init__(self, directory: str | os.PathLike, config: SparsityConfig, model: nn.Module):
+    def __init__(self, directory: str | os.PathLike, config: SparsityConfig, model: nn.Module, calibration: Any = None):
         self.directory = os.fspath(directory)
-        run = {"config": config.to_dict(), "model": model_fingerprint(model)}
+        run = {"config": config.to_dict(), "model": model_fingerprint(model), "calibration": _describe(calibration)}
         self.run = json.loads(json.dumps(run, default=str))
 
     def finished_blocks(self) -> int:
         """Blocks a previous run finished (0 for a new directory); a different run is refused."""
         os.makedirs(self.directory, exist_ok=True)
         run_path = os.path.join(self.directory, RUN_FILE)
-        if not os.path.exists(run_path):
+        done = self._done()
+        if done == 0:  # nothing finished (or a first attempt that failed early): this run takes the directory
             _atomic(run_path, lambda p: _write_json(p, self.run))
             return 0
         with open(run_path, encoding="utf-8") as handle:
@@ -88,11 +102,12 @@ class ResumeLog:
                 f"--resume-dir {self.directory} holds another run ({'; '.join(differences[:3])}); resume with "
                 "the same config and model, or give a new directory"
             )
-        progress = os.path.join(self.directory, PROGRESS_FILE)
-        if not os.path.exists(progress):
-            return 0
-        with open(progress, encoding="utf-8") as handle:
-            return int(json.load(handle)["done"])
+        return done
+
+    def _done(self) -> int:
+        """Finished blocks, as the last complete state file says (it is written last, in one rename)."""
+        path = self._path(STATE_FILE)
+        return int(torch.load(path, weights_only=False)["done"]) if os.path.exists(path) else 0
 
     def record(
         self,
@@ -109,6 +124,7 @@ class ResumeLog:
         masks = {name: result.masks[name] for name in layer_names if name in result.masks}
         _atomic(self._path(f"masks_{index}.pt"), lambda p: torch.save(masks, p))
         state = {
+            "done": index + 1,
             "hidden": [h.cpu() for h in inputs.hidden] if inputs is not None else None,
             "dense_hidden": [h.cpu() for h in dense.hidden] if dense is not None else None,
             "result": {name: getattr(result, name) for name in _RESULT_FIELDS},

@@ -45,13 +45,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_distributable(config: SparsityConfig) -> None:
-    """Refuse, before any work, what a distributed run cannot share: block-level solvers and reconstruction."""
+def check_distributable(config: SparsityConfig, resume_dir: object = None, from_disk: bool = False) -> None:
+    """Refuse, before any work, what a distributed run cannot share: block-level solvers and reconstruction,
+    and (each rank holding its own activations) resume directories and pruning from disk."""
     if get_solver_class(config.method).prunes_whole_blocks() or config.reconstruction:
         raise ValueError(
             f"a distributed run shares per-layer statistics; {config.method!r} with block-level work "
             "(block solvers, block reconstruction) runs in one process: launch it without torchrun"
         )
+    if resume_dir is not None or from_disk:
+        what = "--resume-dir" if resume_dir is not None else "--low-memory"
+        raise ValueError(f"{what} runs in one process: launch it without torchrun")
 
 
 def _solver_for_block(solver: Solver, budgets: dict[str, float] | None, layers: list) -> Solver:
@@ -93,7 +97,7 @@ def prune(
     per_block = find_prunable_layers(model, config)  # validates targets / N:M before any work
     if resume_dir is not None and block_source is not None:
         raise ValueError("resume_dir works on a model in memory; pruning from disk cannot resume yet")
-    resume = ResumeLog(resume_dir, config, model) if resume_dir is not None else None
+    resume = ResumeLog(resume_dir, config, model, calibration) if resume_dir is not None else None
     done = resume.finished_blocks() if resume is not None else 0  # a different run is refused here
     solver = get_solver_class(config.method)(config)
     budgets = None  # {layer: sparsity} under layer budgets; explicit ones are checked before any work
@@ -101,7 +105,7 @@ def prune(
         budgets = check_one_budget_per_block(solver, explicit_budgets(config, per_block), per_block)
     owl = config.sparsity_profile == "owl" and fixed_masks is None
     if is_distributed():
-        check_distributable(config)
+        check_distributable(config, resume_dir, block_source is not None)
     blocks_name, blocks = find_blocks(model)
     solver.check_model(model)
     refit = get_solver_class(config.weight_update)(config) if config.weight_update else None
@@ -168,7 +172,8 @@ def prune(
             elif (report := block_solver.prune_block(context)) is not None:
                 result.block_reports[index] = report
             if targets is not None:
-                result.reconstruction[index] = dense.reconstruct(block, per_block[index], result.masks, targets, config)
+                masked = [layer for layer in per_block[index] if layer.name in result.masks]
+                result.reconstruction[index] = dense.reconstruct(block, masked, result.masks, targets, config)
             if inputs is not None:
                 with torch.no_grad():
                     inputs.hidden = inputs.run_windows(block)

@@ -102,6 +102,8 @@ class BlockStreamer:
         self.model, self.reader, self.output = model, reader, output
         self.blocks_name, self.num_blocks = blocks_name, num_blocks
         self.written: dict[str, str] = {}
+        #: the dtype the run holds blocks in (--dtype; the checkpoint may store another)
+        self.dtype = next(model.parameters()).dtype
 
     def names(self, index: int) -> list[str]:
         prefix = f"{self.blocks_name}.{index}."
@@ -109,7 +111,7 @@ class BlockStreamer:
 
     def load(self, index: int) -> None:
         for name, tensor in self.reader.read(self.names(index)).items():
-            _set_tensor(self.model, name, tensor)
+            _set_tensor(self.model, name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
 
     def release(self, index: int) -> None:
         for name in self.names(index):
@@ -197,8 +199,9 @@ def prune_checkpoint(
 def _write_rest(model: nn.Module, streamer: BlockStreamer, outside: list[str], stage: str) -> None:
     """The tensors outside the blocks as the last shard, and the index of every shard."""
     state, seen = {}, {}
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     for name in outside:
-        tensor = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+        tensor = tensors[name]
         if tensor.data_ptr() in seen:  # tied (lm_head = embeddings): saved once, as the checkpoint had it
             continue
         seen[tensor.data_ptr()] = name

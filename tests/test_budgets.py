@@ -121,3 +121,9 @@ def test_a_checkpoint_from_before_layer_budgets_reads_its_measured_layer_sparsit
     old = {"method": "wanda", "sparsity": 0.5, "measured_sparsity": 0.5, "layer_sparsity": {"model.layers.0.mlp": 0.5}}
     (tmp_path / "sparsity_config.json").write_text(json.dumps(old))
     assert SparsityConfig.from_pretrained(tmp_path).layer_sparsity is None
+
+
+def test_a_block_without_pruned_layers_does_not_shrink_the_owl_spread():
+    with_empty = owl_sparsities([0.02, 0.03, 0.0, 0.05], [1, 1, 0, 1], target=0.5, lam=0.08)
+    without = owl_sparsities([0.02, 0.03, 0.05], [1, 1, 1], target=0.5, lam=0.08)
+    assert [with_empty[i] for i in (0, 1, 3)] == pytest.approx(without)

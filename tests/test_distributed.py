@@ -49,9 +49,13 @@ def test_two_processes_give_the_masks_and_weights_of_one(extra, saved_llama, tex
 
 
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
-def test_block_level_methods_refuse_a_distributed_launch_before_any_work(saved_llama, text_file, tmp_path):
+@pytest.mark.parametrize(
+    "extra", [["--method", "sparsellm"], ["--method", "wanda", "--resume-dir", "RESUME"]], ids=["block-level", "resume"]
+)
+def test_what_cannot_be_shared_refuses_a_distributed_launch_before_any_work(extra, saved_llama, text_file, tmp_path):
+    extra = [os.fspath(tmp_path / "resume") if e == "RESUME" else e for e in extra]
     args = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "optimum_sparse.cli", "prune", "--model", saved_llama]
-    args += ["--calibration-data", text_file, "--method", "sparsellm", "--output", os.fspath(tmp_path / "out")]
+    args += ["--calibration-data", text_file, *extra, "--output", os.fspath(tmp_path / "out")]
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert "runs in one process: launch it without torchrun" in proc.stderr

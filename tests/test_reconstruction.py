@@ -97,3 +97,17 @@ def test_reconstruction_after_layer_budgets_and_after_a_refit_on_given_masks(win
 def test_bad_reconstruction_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         SparsityConfig(method="wanda", **settings)
+
+
+def test_reconstruction_after_a_refit_of_some_layers_only(windows):
+    from optimum_sparse.refit import refit_weights
+
+    _, _, result = _pruned_pair("llama", windows, method="wanda", sparsity=0.5)
+    some = {name: mask for name, mask in result.masks.items() if "mlp" in name}
+    model = build_model("llama")
+    config = SparsityConfig(
+        method="admm", reconstruction="block", device="cpu", admm_iterations=4, admm_gradual_steps=2
+    )
+    refit_weights(model, windows, masks=some, config=config, show_progress=False)
+    assert all(bool((get_weight(model.get_submodule(n))[~m] == 0).all()) for n, m in some.items())
+    assert float(get_weight(model.get_submodule("model.layers.0.self_attn.q_proj")).eq(0).float().mean()) == 0.0

@@ -99,3 +99,22 @@ def test_the_cli_resumes_from_its_resume_dir(saved_llama, text_file, tmp_path, c
     a, b = load_file(tmp_path / "first" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "resume" / "progress.json").read_text()) == {"done": 2}
+
+
+def test_a_first_attempt_that_failed_early_does_not_lock_the_directory_but_other_data_is_refused(windows, tmp_path):
+    model = build_model("llama")
+    with pytest.raises(ValueError, match="match no"):  # refused before any block was pruned
+        prune(model, SparsityConfig(method="wanda", layer_sparsity={"nope": 0.5}), windows, resume_dir=tmp_path)
+    with pytest.raises(Killed):
+        prune(
+            model,
+            SparsityConfig(method="wanda"),
+            windows,
+            show_progress=False,
+            resume_dir=tmp_path,
+            on_block_done=_kill_after(0),
+        )
+    with pytest.raises(ValueError, match="holds another run \\(calibration"):
+        prune(
+            build_model("llama"), SparsityConfig(method="wanda"), windows[:2], show_progress=False, resume_dir=tmp_path
+        )

@@ -125,3 +125,18 @@ def test_the_memory_estimate_of_low_memory_holds_one_block_of_the_weights(sharde
     assert streamed["weights"] < whole["weights"]
     block = (whole["weights"] - streamed["weights"]) / 2  # 3 blocks in the model, 1 held
     assert block > 0 and streamed["activations"] == 2 * 4 * 32 * 32 * 4  # in + out windows, hidden 32, float32
+
+
+def test_a_bfloat16_checkpoint_streams_in_float32_when_asked_and_tied_heads_are_written_once(tmp_path, windows):
+    from optimum_sparse import SparsityConfig
+
+    source = tmp_path / "bf16"
+    model = build_model("llama", num_hidden_layers=2, tie_word_embeddings=True).to(torch.bfloat16)
+    model.save_pretrained(source)
+    build_tokenizer().save_pretrained(source)
+    config = SparsityConfig(method="wanda", device="cpu")
+    prune_checkpoint(os.fspath(source), os.fspath(tmp_path / "out"), config, windows, dtype="float32")
+    saved = _weights(tmp_path / "out")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert "lm_head.weight" not in saved  # tied to the embeddings, as the source stored it
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").lm_head.weight.abs().sum() > 0

@@ -393,6 +393,7 @@ class AdmmSolver(Solver):
                 f"admm_iterations={config.admm_iterations}: the mask must reach the target sparsity within "
                 "the ADMM iterations; lower one or raise the other"
             )
+
     #: the reference implementation's settings; with 16k calibration tokens the stronger ridge towards
     #: the dense weights generalises better than 0.01 (SmolLM2 50%: perplexity 28.48 vs 29.81)
     default_dampening = DEFAULT_DAMPENING

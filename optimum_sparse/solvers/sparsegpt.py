@@ -47,7 +47,12 @@ class SparseGPTSolver(Solver):
     default_scope = "layer"  # the mask is chosen over each whole column block, all rows together
     options = (
         DAMPENING,
-        Option("block_size", 128, "column block width of the lazy updates (rounded down to a multiple of M)", positive_int()),
+        Option(
+            "block_size",
+            128,
+            "column block width of the lazy updates (rounded down to a multiple of M)",
+            positive_int(),
+        ),
     )
 
     def prune_layer(self, weight: torch.Tensor, stats: LayerStatistics | None) -> LayerResult:
