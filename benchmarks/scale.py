@@ -2,6 +2,8 @@
 
     python benchmarks/scale.py --make bench_out/scale/llama7b-4 --layers 4   # random bf16 weights, ~3.8 GB
     python benchmarks/scale.py --run bench_out/scale/llama7b-4 --methods wanda sparsegpt
+    python benchmarks/scale.py --smollm2-processes sparsegpt   # 1 vs 2 processes (gloo, one thread each)
+    python benchmarks/scale.py --smollm2-resume sparsegpt      # killed after 15 blocks, resumed, vs a rerun
 
 `--make` writes a LlamaConfig with Llama-2-7B's block dimensions (hidden 4096, MLP 11008, 32 heads) and
 random bfloat16 weights, block by block, as a sharded safetensors checkpoint (it never holds the model);
@@ -18,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -138,6 +142,79 @@ def run(directory: str, methods: list[str], samples: int, seq_len: int) -> list[
     return records
 
 
+SMOLLM2 = ["--num-samples", "32", "--seq-len", "512", "--eval-seq-len", "1024", "--eval-max-windows", "40"]
+
+
+def _smollm2_command(method: str, output: str, *extra: str) -> list[str]:
+    command = ["-m", "optimum_sparse.cli", "prune", "--method", method, "--sparsity", "0.5", *SMOLLM2]
+    command += ["--calibration-data", os.path.join(DATA, "valid.txt"), "--eval-data", os.path.join(DATA, "test.txt")]
+    return command + ["--skip-dense-eval", "--device", "cpu", "--output", output, "--overwrite", "--json", *extra]
+
+
+def _run_json(command: list[str], env: dict | None = None) -> tuple[dict, float]:
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]), wall
+
+
+def processes(method: str, out: str) -> list[dict]:
+    """SmolLM2 pruned by 1 and by 2 processes (gloo, one thread each): wall time and perplexity."""
+    one, wall_one = _run_json(
+        [sys.executable, *_smollm2_command(method, f"{out}/{method}-1", "--no-progress")], {"OMP_NUM_THREADS": "1"}
+    )
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two, wall_two = _run_json(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            *_smollm2_command(method, f"{out}/{method}-2", "--no-progress")[1:],
+        ],
+        {"OMP_NUM_THREADS": "1"},
+    )
+    return [
+        {"method": method, "processes": n, "prune_seconds": r["prune_seconds"], "wall_seconds": w, "ppl": r["ppl"]}
+        for n, r, w in ((1, one, wall_one), (2, two, wall_two))
+    ]
+
+
+def resume(method: str, out: str, kill_after: int) -> dict:
+    """Kill a SmolLM2 run once `kill_after` blocks are recorded, start it again, and time both to a full run."""
+    command = [
+        sys.executable,
+        *_smollm2_command(method, f"{out}/{method}-resumed", "--no-progress", "--resume-dir", f"{out}/{method}-resume"),
+    ]
+    shutil.rmtree(f"{out}/{method}-resume", ignore_errors=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    progress = f"{out}/{method}-resume/progress.json"
+    while proc.poll() is None:
+        if os.path.exists(progress) and json.load(open(progress, encoding="utf-8"))["done"] >= kill_after:
+            proc.kill()
+            break
+        time.sleep(0.5)
+    killed_at = time.perf_counter() - start
+    resumed, resumed_wall = _run_json(command, {"OMP_NUM_THREADS": "1"})
+    full, full_wall = _run_json(
+        [sys.executable, *_smollm2_command(method, f"{out}/{method}-full", "--no-progress")], {"OMP_NUM_THREADS": "1"}
+    )
+    return {
+        "method": method,
+        "killed_after_blocks": kill_after,
+        "seconds_before_kill": killed_at,
+        "resume_wall_seconds": resumed_wall,
+        "rerun_wall_seconds": full_wall,
+        "ppl_resumed": resumed["ppl"],
+        "ppl_uninterrupted": full["ppl"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--make", metavar="DIR", help="write the random 7B-shaped checkpoint")
@@ -146,7 +223,29 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--smollm2-processes", metavar="METHOD", help="SmolLM2 with 1 and 2 processes")
+    parser.add_argument("--smollm2-resume", metavar="METHOD", help="SmolLM2 killed mid-way, resumed, and rerun")
+    parser.add_argument("--kill-after", type=int, default=15, help="blocks recorded before the kill")
     args = parser.parse_args()
+    out = os.path.join(HERE, "..", "bench_out", "scale")
+    if args.smollm2_processes:
+        rows = processes(args.smollm2_processes, out)
+        print("| method | processes | prune s | wall s | ppl |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['method']} | {r['processes']} | {r['prune_seconds']:.0f} | {r['wall_seconds']:.0f} | {r['ppl']:.4f} |"
+            )
+        print(json.dumps({"processes": rows}))
+    if args.smollm2_resume:
+        r = resume(args.smollm2_resume, out, args.kill_after)
+        print("| method | killed after | resume wall s | rerun wall s | ppl resumed / uninterrupted |")
+        print("|---|---|---|---|---|")
+        print(
+            f"| {r['method']} | {r['killed_after_blocks']} blocks | {r['resume_wall_seconds']:.0f} | "
+            f"{r['rerun_wall_seconds']:.0f} | {r['ppl_resumed']:.4f} / {r['ppl_uninterrupted']:.4f} |"
+        )
+        print(json.dumps({"resume": r}))
     if args.make:
         make(args.make, args.layers)
     if args.run:
