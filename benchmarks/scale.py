@@ -110,14 +110,14 @@ def make(directory: str, layers: int) -> None:
     print(f"{directory}: {layers} blocks, {total / 2**30:.2f} GiB", file=sys.stderr)
 
 
-def run(directory: str, methods: list[str], samples: int, seq_len: int) -> list[dict]:
+def run(directory: str, methods: list[str], samples: int, seq_len: int, device: str = "cpu") -> list[dict]:
     layers = json.load(open(os.path.join(directory, "config.json"), encoding="utf-8"))["num_hidden_layers"]
     records = []
     for method in methods:
         output = os.path.join(os.path.dirname(os.path.abspath(directory)), f"{os.path.basename(directory)}-{method}")
         command = [sys.executable, "-m", "optimum_sparse.cli", "prune", "--model", directory, "--low-memory"]
         command += ["--method", method, "--sparsity", "0.5", "--num-samples", str(samples), "--seq-len", str(seq_len)]
-        command += ["--calibration-data", os.path.join(DATA, "valid.txt"), "--device", "cpu", "--output", output]
+        command += ["--calibration-data", os.path.join(DATA, "valid.txt"), "--device", device, "--output", output]
         command += ["--overwrite", "--json", "--no-progress", "--log-level", "WARNING"]
         print(" ".join(command[1:]), file=sys.stderr, flush=True)
         proc = subprocess.run(command, capture_output=True, text=True)
@@ -136,6 +136,7 @@ def run(directory: str, methods: list[str], samples: int, seq_len: int) -> list[
                 "prune_seconds": record["prune_seconds"],
                 "seconds_per_block": per_block,
                 "estimate_70b_hours": 80 * per_block * ratio / 3600,
+                **({"peak_gpu_gib": record["peak_gpu_mb"] / 1024} if "peak_gpu_mb" in record else {}),
             }
         )
         print(records[-1], file=sys.stderr, flush=True)
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU rows (peak_gpu_mb is reported)")
     parser.add_argument("--smollm2-processes", metavar="METHOD", help="SmolLM2 with 1 and 2 processes")
     parser.add_argument("--smollm2-resume", metavar="METHOD", help="SmolLM2 killed mid-way, resumed, and rerun")
     parser.add_argument("--kill-after", type=int, default=15, help="blocks recorded before the kill")
@@ -249,7 +251,7 @@ def main() -> None:
     if args.make:
         make(args.make, args.layers)
     if args.run:
-        records = run(args.run, args.methods, args.num_samples, args.seq_len)
+        records = run(args.run, args.methods, args.num_samples, args.seq_len, args.device)
         print("| method | blocks | peak RSS GiB | prune s | s / block | 70B estimate (80 blocks) h |")
         print("|---|---|---|---|---|---|")
         for r in records:
