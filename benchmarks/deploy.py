@@ -9,6 +9,8 @@ perplexity over the first 40 windows x 1024 tokens of test.txt):
 
     python benchmarks/deploy.py --prepare channels-50-uniform   # prune + slice one row (20-40 min on CPU)
     python benchmarks/deploy.py                                 # measure every prepared row
+    python benchmarks/deploy.py --skip-speed --threads 1        # perplexities and sizes only
+    python benchmarks/deploy.py --speed-only                    # tokens/s only, on a quiet machine
 
 `--prepare` runs the `optimum-sparse prune` command of the row (printed) into bench_out/deploy/ROW;
 measuring exports each model to GGUF (f16 and q8_0), evaluates it in llama.cpp (llama-cpp-python) on
