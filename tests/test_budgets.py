@@ -44,7 +44,7 @@ def test_owl_profile_meets_the_requested_mean_with_different_block_budgets(metho
     model = build_model("llama", num_hidden_layers=4)
     config = SparsityConfig(method=method, sparsity=0.6, sparsity_profile="owl", owl_m=3, owl_lambda=0.1, device="cpu")
     result = prune(model, config, windows, show_progress=False)
-    assert result.sparsity == pytest.approx(0.6, abs=1e-3)  # the mean over the pruned weights
+    assert result.sparsity == pytest.approx(0.6, abs=5e-3)  # the mean; each 32-wide row rounds its budget
     blocks = [_block_sparsity(result, b) for b in range(4)]
     assert max(blocks) - min(blocks) > 0.05  # the blocks really got different budgets
     assert sorted(set(result.budgets.values())) == pytest.approx(sorted(set(round(b, 6) for b in blocks)), abs=1e-2)
