@@ -189,24 +189,29 @@ def main() -> None:
 
 
 def _ratio(record: dict, dense: dict, key: str) -> str:
-    return f"{record[key] / dense[key]:.2f}x"
+    nan = float("nan")
+    return f"{record.get(key, nan) / dense.get(key, nan):.2f}x"
 
 
 def print_table(records: list[dict]) -> None:
+    """The markdown table (a value not measured yet shows as nan)."""
     dense = records[0]
+    nan = float("nan")
     print(
-        "| row | parameters | ppl ours | ppl llama.cpp f16 / q8_0 | GGUF MiB f16 / q8_0 | pp tok/s f16 / q8_0 (vs dense) | tg tok/s f16 / q8_0 (vs dense) |"
+        "| row | parameters | ppl ours | ppl llama.cpp f16 / q8_0 | GGUF MiB f16 / q8_0 | "
+        "pp tok/s f16 / q8_0 (vs dense) | tg tok/s f16 / q8_0 (vs dense) |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in records:
-        pp, tg = f"{r['pp_tps_f16']:.0f} / {r['pp_tps_q8_0']:.0f}", f"{r['tg_tps_f16']:.0f} / {r['tg_tps_q8_0']:.0f}"
+        get = lambda key, r=r: r.get(key, nan)  # noqa: E731
+        pp = f"{get('pp_tps_f16'):.0f} / {get('pp_tps_q8_0'):.0f}"
+        tg = f"{get('tg_tps_f16'):.0f} / {get('tg_tps_q8_0'):.0f}"
         if r is not dense:
             pp += f" ({_ratio(r, dense, 'pp_tps_f16')} / {_ratio(r, dense, 'pp_tps_q8_0')})"
             tg += f" ({_ratio(r, dense, 'tg_tps_f16')} / {_ratio(r, dense, 'tg_tps_q8_0')})"
-        ppl = f"{r.get('ppl_ours', float('nan')):.2f} | {r.get('ppl_llama_cpp_f16', float('nan')):.2f} / {r.get('ppl_llama_cpp_q8_0', float('nan')):.2f}"
-        print(
-            f"| {r['row']} | {r['parameters'] / 1e6:.1f}M | {ppl} | {r['gguf_mb_f16']:.1f} / {r['gguf_mb_q8_0']:.1f} | {pp} | {tg} |"
-        )
+        ppl = f"{get('ppl_ours'):.2f} | {get('ppl_llama_cpp_f16'):.2f} / {get('ppl_llama_cpp_q8_0'):.2f}"
+        sizes = f"{get('gguf_mb_f16'):.1f} / {get('gguf_mb_q8_0'):.1f}"
+        print(f"| {r['row']} | {r['parameters'] / 1e6:.1f}M | {ppl} | {sizes} | {pp} | {tg} |")
 
 
 if __name__ == "__main__":
