@@ -173,7 +173,7 @@ def processes(method: str, out: str) -> list[dict]:
             torchrun,
             "--standalone",
             "--nproc_per_node=2",
-            *_smollm2_command(method, f"{out}/{method}-2", "--no-progress")[1:],
+            *_smollm2_command(method, f"{out}/{method}-2", "--no-progress"),
         ],
         {"OMP_NUM_THREADS": "1"},
     )
