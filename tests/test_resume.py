@@ -22,6 +22,19 @@ def _kill_after(block: int):
     return on_block_done
 
 
+def _wanda_killed_after_block_0(model, windows, resume_dir) -> None:
+    """A Wanda run recording into `resume_dir` that dies once block 0 is recorded."""
+    with pytest.raises(Killed):
+        prune(
+            model,
+            SparsityConfig(method="wanda"),
+            windows,
+            show_progress=False,
+            resume_dir=resume_dir,
+            on_block_done=_kill_after(0),
+        )
+
+
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -55,15 +68,7 @@ def test_a_killed_run_resumes_and_ends_bit_for_bit_like_an_uninterrupted_one(set
 
 def test_a_resume_directory_of_another_run_is_refused_before_any_work(windows, tmp_path):
     model = build_model("llama")
-    with pytest.raises(Killed):
-        prune(
-            model,
-            SparsityConfig(method="wanda"),
-            windows,
-            show_progress=False,
-            resume_dir=tmp_path,
-            on_block_done=_kill_after(0),
-        )
+    _wanda_killed_after_block_0(model, windows, tmp_path)
     fresh = build_model("llama")
     before = _state(fresh)
     with pytest.raises(ValueError, match=r"holds another run \(config.sparsity: 0.5 then, 0.6 now"):
@@ -105,15 +110,7 @@ def test_a_first_attempt_that_failed_early_does_not_lock_the_directory_but_other
     model = build_model("llama")
     with pytest.raises(ValueError, match="match no"):  # refused before any block was pruned
         prune(model, SparsityConfig(method="wanda", layer_sparsity={"nope": 0.5}), windows, resume_dir=tmp_path)
-    with pytest.raises(Killed):
-        prune(
-            model,
-            SparsityConfig(method="wanda"),
-            windows,
-            show_progress=False,
-            resume_dir=tmp_path,
-            on_block_done=_kill_after(0),
-        )
+    _wanda_killed_after_block_0(model, windows, tmp_path)
     with pytest.raises(ValueError, match="holds another run \\(calibration"):
         prune(
             build_model("llama"), SparsityConfig(method="wanda"), windows[:2], show_progress=False, resume_dir=tmp_path
