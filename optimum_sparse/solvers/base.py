@@ -37,48 +37,76 @@ DAMPENING = Option(
 
 
 class LayerStatistics:
-    """Running statistics of a layer's inputs X (tokens x in_features).
+    """Statistics of a layer's inputs X (tokens x in_features), summed over the calibration windows.
 
     Always keeps the squared column norms sum_t x_tj^2 (Wanda's activation norms). With
-    `with_hessian` it also keeps H = X^T X / tokens as a running mean, which stays well scaled
-    however many tokens are seen (SparseGPT/ADMM use H only up to scale).
+    `with_hessian` it also keeps H = X^T X / tokens (SparseGPT/ADMM use H only up to scale).
+
+    Each update's products are formed in float32 and added into float64 sums; the float32 results
+    (`sq_norms`, `hessian`) are made once, when first read, and the float64 Hessian sum is then freed.
+    Why float64: the order in which windows are added then (almost never) changes a float32 result, so
+    one process and several (each summing its own windows, then all-reduced) get the same statistics,
+    and methods that break near-ties the same way prune the same weights.
     """
+
+    #: most elements of the float32 product formed at once (X^T X is added in row chunks)
+    CHUNK_ELEMENTS = 1 << 24
 
     def __init__(self, in_features: int, with_hessian: bool, device: torch.device | str = "cpu"):
         self.in_features = in_features
         self.num_tokens = 0
-        self.sq_norms = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.hessian = (
-            torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if with_hessian else None
+        self._sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self._h_sum = (
+            torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if with_hessian else None
         )
+        self._hessian: torch.Tensor | None = None
 
     @torch.no_grad()
     def update(self, inputs: torch.Tensor) -> None:
-        x = inputs.detach().reshape(-1, self.in_features).to(self.sq_norms.device, torch.float32)
+        x = inputs.detach().reshape(-1, self.in_features).to(self._sq_sum.device, torch.float32)
         tokens = x.shape[0]
         if tokens == 0:
             return
-        self.sq_norms += x.pow(2).sum(0)
-        if self.hessian is not None:
-            total = self.num_tokens + tokens
-            self.hessian.mul_(self.num_tokens / total)
-            self.hessian.addmm_(x.t(), x, alpha=1.0 / total)
+        self._sq_sum += x.pow(2).sum(0, dtype=torch.float64)
+        h_sum = self._hessian_sum()
+        if h_sum is not None:
+            rows = max(1, self.CHUNK_ELEMENTS // self.in_features)
+            for start in range(0, self.in_features, rows):
+                h_sum[start : start + rows] += x[:, start : start + rows].t() @ x
         self.num_tokens += tokens
+
+    def _hessian_sum(self) -> torch.Tensor | None:
+        """The float64 sum X^T X, rebuilt from the float32 mean if that was already read."""
+        if self._h_sum is None and self._hessian is not None:
+            self._h_sum = self._hessian.double() * self.num_tokens
+            self._hessian = None
+        return self._h_sum
 
     @torch.no_grad()
     def all_reduce(self) -> None:
         """Sum the statistics over the ranks of a distributed run (each saw its own windows)."""
         if not is_distributed():
             return
-        tokens = torch.tensor([float(self.num_tokens)], device=self.sq_norms.device)
-        all_reduce_sum(self.sq_norms)
-        if self.hessian is not None:
-            self.hessian.mul_(float(self.num_tokens))  # the running mean as a sum, summed, then a mean again
-            all_reduce_sum(self.hessian)
+        tokens = torch.tensor([float(self.num_tokens)], dtype=torch.float64, device=self._sq_sum.device)
+        all_reduce_sum(self._sq_sum)
+        h_sum = self._hessian_sum()
+        if h_sum is not None:
+            all_reduce_sum(h_sum)
         all_reduce_sum(tokens)
         self.num_tokens = int(tokens.item())
-        if self.hessian is not None:
-            self.hessian.div_(max(self.num_tokens, 1))
+
+    @property
+    def sq_norms(self) -> torch.Tensor:
+        """sum_t x_tj^2 for every input feature j (float32)."""
+        return self._sq_sum.float()
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        """H = X^T X / tokens in float32, or None without `with_hessian`."""
+        if self._h_sum is not None:
+            self._hessian = self._h_sum.div_(max(self.num_tokens, 1)).float()
+            self._h_sum = None  # 1 GB on a 7B model's down_proj: not kept beside the float32 copy
+        return self._hessian
 
     @property
     def norms(self) -> torch.Tensor:

@@ -26,16 +26,21 @@ def inverse_cholesky_upper(hessian: torch.Tensor, weight: torch.Tensor, dampenin
 
     If the factorisation fails (H ill-conditioned, e.g. too few calibration tokens), dampening is
     raised tenfold and retried, with a log line, rather than letting NaNs into the weights.
+
+    The three steps run in place on one float64 matrix: on a 7B model's 11008-wide down_proj a
+    factor, its inverse and the inverse's factor as separate matrices held about 3 GB more than one.
     """
     damp = dampening
+    info = torch.empty((), dtype=torch.int32, device=hessian.device)
     for _ in range(8):
-        h = dampened_hessian(hessian, weight, damp).double()
-        chol, info = torch.linalg.cholesky_ex(h)
+        h = dampened_hessian(hessian, weight, damp).double()  # the float32 copy is freed at once
+        torch.linalg.cholesky_ex(h, out=(h, info))
         if info == 0:
-            inverse = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info == 0 and torch.isfinite(upper).all():
-                return upper.float()
+            torch.cholesky_inverse(h, out=h)
+            torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+            if info == 0 and torch.isfinite(h).all():
+                return h.float()
+        del h
         logger.warning("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
         damp *= 10
     raise RuntimeError("Cholesky factorisation failed even with heavy dampening; check the calibration data")

@@ -139,6 +139,34 @@ def test_layer_statistics_match_direct_computation():
     torch.testing.assert_close(stats.hessian, x.T @ x / 300, rtol=1e-4, atol=1e-3)
 
 
+def test_layer_statistics_do_not_depend_on_window_order():
+    """The float64 sums make the float32 results independent of how windows are grouped and ordered,
+    which is what lets one process and several (each summing its own share) agree."""
+    generator = torch.Generator().manual_seed(5)
+    windows = [torch.randn(128, 96, generator=generator) * (1 + 10 * i) for i in range(12)]
+    forward = LayerStatistics(96, with_hessian=True)
+    for window in windows:
+        forward.update(window)
+    backward = LayerStatistics(96, with_hessian=True)
+    for window in reversed(windows):
+        backward.update(window)
+    assert torch.equal(forward.hessian, backward.hessian)
+    assert torch.equal(forward.sq_norms, backward.sq_norms)
+    backward.update(windows[0])  # updating after a read continues the sum
+    assert backward.num_tokens == 13 * 128
+    expected = sum(w.double().T @ w.double() for w in windows + windows[:1]) / (13 * 128)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(backward.hessian, expected.float(), rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_layer_statistics_chunked_products_match_one_product(monkeypatch):
+    monkeypatch.setattr(LayerStatistics, "CHUNK_ELEMENTS", 5 * 64)  # 5 rows of X^T X at a time
+    x = _outlier_inputs(tokens=200)
+    chunked = LayerStatistics(64, with_hessian=True)
+    chunked.update(x)
+    torch.testing.assert_close(chunked.hessian, x.T @ x / 200, rtol=1e-5, atol=1e-4)
+
+
 def test_conv1d_helpers_report_input_dimension():
     model = build_model("gpt2")
     attn = model.transformer.h[0].attn.c_attn
