@@ -9,6 +9,13 @@ first 40 non-overlapping windows x 1024 tokens of test.txt. Each row runs in its
 
 Prints a markdown table, then one JSON line with every measurement; `--plot ppl.png` also draws the
 perplexity of the rows measured against their sparsity (needs matplotlib).
+
+Out of domain: `--ood bench_out/ood` also scores every model on the texts of benchmarks/ood_texts.py
+(Shakespeare, the King James Bible, the Python reference; never calibrated on), `--ood-windows` windows
+of `--eval-seq-len` tokens each. `--calibration generated` calibrates on text the model samples itself
+instead of WikiText-2 valid.
+
+    python benchmarks/ppl_table.py --rows wanda admm admm+recon --sparsities 0.5 --ood bench_out/ood
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2")
@@ -52,10 +61,13 @@ ROWS = {
     "pg-block+admm": ["--method", "pg", "--set", "pg_objective=block", "--weight-update", "admm"],
 }
 # layer budgets (OWL) and block reconstruction on top of ADMM and SparseLLM (docs/quality.md)
-for _method in ("admm", "sparsellm"):
+for _method in ("wanda", "admm", "sparsellm"):
     ROWS[f"{_method}+owl"] = ["--method", _method, "--sparsity-profile", "owl"]
     ROWS[f"{_method}+recon"] = ["--method", _method, "--reconstruct", "block"]
+    ROWS[f"{_method}+recon-dense"] = [*ROWS[f"{_method}+recon"], "--set", "reconstruction_inputs=dense"]
     ROWS[f"{_method}+owl+recon"] = ["--method", _method, "--sparsity-profile", "owl", "--reconstruct", "block"]
+# the preset (optimum_sparse/recipes.py): what measured best at each sparsity
+ROWS["best"] = ["--recipe", "best"]
 
 
 def run_cli(args: list[str]) -> dict:
@@ -64,6 +76,16 @@ def run_cli(args: list[str]) -> dict:
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ood_scores(model: list[str], texts: dict[str, str], seq_len: int, windows: int) -> dict[str, float]:
+    """Perplexity of `model` (CLI --model flags; none: the default SmolLM2) on every out-of-domain text."""
+    scores = {}
+    for name, path in texts.items():
+        flags = ["--eval-data", path, "--eval-seq-len", str(seq_len), "--eval-max-windows", str(windows)]
+        record = run_cli(["eval", *model, *flags])
+        scores[name] = record.get("ppl", float("nan"))
+    return scores
 
 
 def plot_rows(results: list[dict], path: str, model: str | None) -> str:
@@ -91,6 +113,11 @@ def main() -> None:
     parser.add_argument("--eval-max-windows", type=int, default=40)
     parser.add_argument("--skip-eval", action="store_true", help="time pruning only (no perplexity)")
     parser.add_argument("--plot", default=None, metavar="PATH.png", help="also draw perplexity vs sparsity to this PNG")
+    parser.add_argument("--ood", default=None, metavar="DIR", help="also score on the texts of ood_texts.py (in DIR)")
+    parser.add_argument("--ood-windows", type=int, default=20, help="evaluation windows per out-of-domain text")
+    parser.add_argument(
+        "--calibration", choices=["wikitext", "generated"], default="wikitext", help="WikiText-2 valid or model text"
+    )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every prune run")
     args = parser.parse_args()
     if args.plot:
@@ -113,9 +140,15 @@ def main() -> None:
         "--eval-max-windows",
         str(args.eval_max_windows),
     ]
+    source = ["--calibration-data", os.path.join(DATA, "valid.txt")] if args.calibration == "wikitext" else []
+    texts = {}
+    if args.ood:
+        sys.path.insert(0, HERE)
+        from ood_texts import prepare
+
+        texts = prepare(args.ood)
     calibration = [
-        "--calibration-data",
-        os.path.join(DATA, "valid.txt"),
+        *source,
         "--num-samples",
         str(args.num_samples),
         "--seq-len",
@@ -127,17 +160,26 @@ def main() -> None:
     results = []
     if not args.no_dense:
         record = run_cli(["eval", *model, *evaluation])
+        if texts:
+            record["ood"] = ood_scores(model, texts, args.eval_seq_len, args.ood_windows)
         results.append({"row": "dense", "sparsity": "dense", **record})
         print(f"dense: {record}", file=sys.stderr, flush=True)
+    scratch = tempfile.mkdtemp(prefix="ppl_table-")
     for row in args.rows:
         for sparsity in args.sparsities:
             flags = ["prune", *model, *ROWS[row], "--sparsity", sparsity, *calibration, *evaluation]
-            record = run_cli([*flags, "--skip-dense-eval", *args.extra])
-            results.append({**record, "row": row, "sparsity": sparsity})
+            saved = os.path.join(scratch, "model")
+            output = ["--output", saved, "--overwrite"] if texts else []
+            record = run_cli([*flags, "--skip-dense-eval", *output, *args.extra])
+            if texts and "error" not in record:
+                record["ood"] = ood_scores(["--model", saved], texts, args.eval_seq_len, args.ood_windows)
+            results.append({**record, "row": row, "sparsity": sparsity, "calibration": args.calibration})
             print(f"{row} {sparsity}: {record}", file=sys.stderr, flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
 
-    print("| method | sparsity | ppl | prune s | peak RSS MiB | reference ppl (s) |")
-    print("|---|---|---|---|---|---|")
+    ood_header = "".join(f" {name} |" for name in texts)
+    print(f"| method | sparsity | ppl | prune s | peak RSS MiB | reference ppl (s) |{ood_header}")
+    print("|---|---|---|---|---|---|" + "---|" * len(texts))
     for r in results:
         anchor = ANCHORS.get((r["row"].removesuffix("-ties"), r["sparsity"]))
         ref = f"{anchor[0]:g} ({anchor[1]} s)" if anchor else ""
@@ -148,7 +190,8 @@ def main() -> None:
         rss = r.get("peak_rss_mb")
         rss_text = f"{rss:.0f}" if rss is not None else ""
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
-        print(f"| {r['row']} | {r['sparsity']} | {ppl} | {seconds:.0f} | {rss_text} | {ref} |")
+        ood = "".join(f" {r.get('ood', {}).get(name, float('nan')):.2f} |" for name in texts)
+        print(f"| {r['row']} | {r['sparsity']} | {ppl} | {seconds:.0f} | {rss_text} | {ref} |{ood}")
     summary = {"benchmark": "ppl_table", "results": results}
     if args.plot:
         try:

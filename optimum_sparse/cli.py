@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from optimum_sparse.config import SparsityConfig
+from optimum_sparse.recipes import available_recipes, recipe_rule
 from optimum_sparse.solvers import available_methods, get_solver_class
 
 logger = logging.getLogger("optimum_sparse")
@@ -112,6 +113,12 @@ def build_parser(prog: str = "optimum-sparse") -> argparse.ArgumentParser:
     )
     prune.add_argument("--sparsity", type=_sparsity_arg, default={"sparsity": 0.5}, help="0.5 (fraction) or 2:4 (N:M)")
     prune.add_argument("--config", default=None, help="a sparsity_config.json (or its directory) to start from")
+    prune.add_argument(
+        "--recipe",
+        default=None,
+        help=f"start from a preset, one of {available_recipes()}: 'best' is the method and settings that measured "
+        "best at --sparsity (docs/quality.md); flags given explicitly override it",
+    )
     prune.add_argument(
         "--calibration-data", default=None, help="text file or Hub dataset spec; none: text sampled from the model"
     )
@@ -243,7 +250,17 @@ def config_from_args(args: argparse.Namespace) -> SparsityConfig:
     Settings the file holds for a method the flags replace are dropped; a flag or --set naming a
     setting of a method the run does not use is an error (it was asked for explicitly).
     """
-    base = SparsityConfig.from_pretrained(args.config) if args.config else SparsityConfig(method="sparsegpt")
+    if args.config and args.recipe:
+        raise ValueError("--config and --recipe both give the starting settings; pass one of them")
+    if args.recipe:
+        amount = args.sparsity.get("pattern") or args.sparsity.get("sparsity", 0.5)
+        base = SparsityConfig.recipe(args.recipe, amount)
+        rule = recipe_rule(args.recipe, args.sparsity.get("sparsity"), args.sparsity.get("pattern"))
+        logger.info("recipe %s at %s: %s", args.recipe, amount, rule.reason)
+    elif args.config:
+        base = SparsityConfig.from_pretrained(args.config)
+    else:
+        base = SparsityConfig(method="sparsegpt")
     overrides = {
         "method": args.method,
         "num_samples": args.num_samples,
@@ -442,6 +459,7 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         "method": config.method + (f"+{config.weight_update}" if config.weight_update else ""),
         "sparsity": config.pattern or config.sparsity,
         "world_size": world,
+        **({"recipe": args.recipe} if args.recipe else {}),
     }
     evaluate = None
     if args.eval_data:

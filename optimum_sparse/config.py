@@ -23,6 +23,7 @@ from typing import Any
 
 from optimum_sparse import registry
 from optimum_sparse.options import finite_positive, in_interval, one_of, positive_int
+from optimum_sparse.recipes import recipe_rule
 from optimum_sparse.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -370,6 +371,21 @@ class SparsityConfig:
         if self.reconstruction:
             amount += f" +{self.reconstruction} reconstruction"
         return f"{self.method} {amount}"
+
+    @classmethod
+    def recipe(cls, name: str, sparsity: float | str = 0.5, **overrides: Any) -> SparsityConfig:
+        """The settings of preset `name` (optimum_sparse/recipes.py) at `sparsity`, with `overrides` on top.
+
+        `sparsity` is a fraction (0.5) or an N:M pattern ("2:4"). `SparsityConfig.recipe("best", 0.7)`
+        is the method and settings that measured best at 70% (docs/quality.md); a keyword given here
+        wins over the preset, as an explicit flag does over `--recipe` on the command line.
+        """
+        if isinstance(sparsity, str) and ":" in sparsity:
+            amount: dict[str, Any] = {"pattern": sparsity, "sparsity": None}
+        else:
+            amount = {"sparsity": float(sparsity)}
+        rule = recipe_rule(name, amount.get("sparsity"), amount.get("pattern"))
+        return cls(**{**rule.settings, **amount, **overrides})
 
     @classmethod
     def field_names(cls) -> list[str]:
