@@ -39,12 +39,10 @@ from optimum_sparse.config import SparsityConfig
 from optimum_sparse.masks import nm_mask, num_pruned, topk_mask
 from optimum_sparse.options import Option, non_negative_int, optional_positive, positive_int
 from optimum_sparse.registry import register_solver
-from optimum_sparse.solvers.base import DAMPENING, LayerResult, LayerStatistics, Solver
+from optimum_sparse.solvers.base import DAMPENING, FLOAT64_MAX_FEATURES, LayerResult, LayerStatistics, Solver
 
 logger = logging.getLogger(__name__)
 
-#: factorise in float64 up to this many input features, in float32 above (memory / speed)
-FLOAT64_MAX_FEATURES = 8192
 #: inputs whose normalised correlation is at least 1 - this are treated as duplicates
 _COLLINEAR_TOL = 1e-4
 #: diag(H) below this fraction of the mean is floored there before normalising (keeps 1/scale bounded)

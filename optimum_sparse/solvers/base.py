@@ -27,6 +27,10 @@ from optimum_sparse.config import SparsityConfig
 from optimum_sparse.distributed import all_reduce_sum, is_distributed
 from optimum_sparse.options import Option, optional_positive
 
+#: factorise / solve in float64 up to this many input features, in float32 above: a float64 matrix of a 7B
+#: model's 11008-wide down_proj is 1 GB, and float32 is what the reference implementations use on GPUs
+FLOAT64_MAX_FEATURES = 8192
+
 #: the Hessian dampening setting, shared by the methods that invert H (same name, same meaning)
 DAMPENING = Option(
     "dampening",

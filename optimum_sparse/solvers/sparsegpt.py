@@ -16,24 +16,32 @@ import torch
 from optimum_sparse.masks import nm_mask, num_pruned, topk_mask
 from optimum_sparse.options import Option, positive_int
 from optimum_sparse.registry import register_solver
-from optimum_sparse.solvers.base import DAMPENING, LayerResult, LayerStatistics, Solver, dampened_hessian
+from optimum_sparse.solvers.base import (
+    DAMPENING,
+    FLOAT64_MAX_FEATURES,
+    LayerResult,
+    LayerStatistics,
+    Solver,
+    dampened_hessian,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def inverse_cholesky_upper(hessian: torch.Tensor, weight: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp)^-1, computed in float64.
+    """Upper Cholesky factor of (H + damp)^-1, computed in float64 (float32 above FLOAT64_MAX_FEATURES).
 
     If the factorisation fails (H ill-conditioned, e.g. too few calibration tokens), dampening is
     raised tenfold and retried, with a log line, rather than letting NaNs into the weights.
 
-    The three steps run in place on one float64 matrix: on a 7B model's 11008-wide down_proj a
-    factor, its inverse and the inverse's factor as separate matrices held about 3 GB more than one.
+    The three steps run in place on one matrix: on a 7B model's 11008-wide down_proj a factor, its
+    inverse and the inverse's factor as separate float64 matrices held about 3 GB more than one.
     """
     damp = dampening
     info = torch.empty((), dtype=torch.int32, device=hessian.device)
+    dtype = torch.float64 if hessian.shape[0] <= FLOAT64_MAX_FEATURES else torch.float32
     for _ in range(8):
-        h = dampened_hessian(hessian, weight, damp).double()  # the float32 copy is freed at once
+        h = dampened_hessian(hessian, weight, damp).to(dtype)  # a float32 copy is freed at once
         torch.linalg.cholesky_ex(h, out=(h, info))
         if info == 0:
             torch.cholesky_inverse(h, out=h)

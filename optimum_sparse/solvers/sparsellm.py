@@ -57,7 +57,7 @@ from torch import nn
 from optimum_sparse.architecture import PrunableLayer, get_weight
 from optimum_sparse.options import Option, finite_positive, one_of, positive_int
 from optimum_sparse.registry import get_solver_class, register_solver
-from optimum_sparse.solvers.base import DAMPENING, LayerResult, LayerStatistics, Solver
+from optimum_sparse.solvers.base import DAMPENING, FLOAT64_MAX_FEATURES, LayerResult, LayerStatistics, Solver
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,6 @@ INNER_SOLVERS = ("admm", "sparsegpt")
 SPARSELLM_ADMM_RHO = 0.25
 #: tokens per chunk of the elementwise / closed-form updates (bounds the temporaries)
 CHUNK_TOKENS = 4096
-#: linear solves in float64 up to this width, in float32 above (memory)
-FLOAT64_MAX_FEATURES = 8192
 #: attribute names under which transformers modules keep their MLP activation
 ACTIVATION_ATTRIBUTES = ("act_fn", "act", "activation_fn", "activation")
 #: relative mismatch allowed when checking that the recorded activations are act(fc1 x) (or act(gate x) * up x)

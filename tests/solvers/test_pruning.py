@@ -198,3 +198,24 @@ def test_prune_ties_is_refused_with_an_nm_pattern():
         SparsityConfig(method="magnitude", pattern="2:4", prune_ties=True)
     with pytest.raises(TypeError, match="prune_ties must be true or false"):
         SparsityConfig(method="magnitude", prune_ties="yes")
+
+
+def test_sparsegpt_float32_factorisation_of_wide_layers_matches_float64(monkeypatch):
+    """Above FLOAT64_MAX_FEATURES inputs the inverse Cholesky runs in float32 (memory on 7B shapes)."""
+    import optimum_sparse.solvers.sparsegpt as sparsegpt
+
+    x = _outlier_inputs(tokens=400)
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    stats = LayerStatistics(64, with_hessian=True)
+    stats.update(x)
+    solver = get_solver_class("sparsegpt")(method_config("sparsegpt", sparsity=0.5, block_size=16))
+    wide = sparsegpt.inverse_cholesky_upper(stats.hessian, weight.clone(), 0.01)
+    reference = solver.prune_layer(weight.clone(), stats)
+    monkeypatch.setattr(sparsegpt, "FLOAT64_MAX_FEATURES", 32)
+    assert sparsegpt.inverse_cholesky_upper(stats.hessian, weight.clone(), 0.01).dtype == torch.float32
+    torch.testing.assert_close(
+        sparsegpt.inverse_cholesky_upper(stats.hessian, weight.clone(), 0.01), wide, rtol=1e-4, atol=1e-5
+    )
+    in_float32 = solver.prune_layer(weight.clone(), stats)
+    assert (in_float32.mask == reference.mask).float().mean() > 0.99
+    torch.testing.assert_close(in_float32.weight, reference.weight, rtol=1e-3, atol=1e-3)
