@@ -38,13 +38,28 @@ class PruningResult:
     #: block reconstruction's report per block (`optimum_sparse.reconstruction.ReconstructionReport`)
     reconstruction: dict[int, object] = field(default_factory=dict)
     seconds: float = 0.0
+    #: (kept, total) weights per pruned layer: outlives `masks`, which a run from disk drops block by block
+    layer_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def record_mask(self, name: str, mask: torch.Tensor) -> None:
+        """Keep a layer's mask (bool, on CPU) with its counts and sparsity."""
+        self.masks[name] = mask
+        kept = int(mask.sum())
+        self.layer_counts[name] = (kept, mask.numel())
+        self.layer_sparsity[name] = 1.0 - kept / max(mask.numel(), 1)
+
+    def drop_masks(self, names: list[str]) -> None:
+        """Forget these layers' masks, keeping their counts: a bool mask is a byte per weight, 6.5 GB over
+        a 7B model, while a run from disk has written the zeros to its output already."""
+        for name in names:
+            self.masks.pop(name, None)
 
     @property
     def sparsity(self) -> float:
         """Fraction of zeros over all pruned layers."""
-        total = sum(m.numel() for m in self.masks.values())
-        kept = sum(int(m.sum()) for m in self.masks.values())
-        return 1.0 - kept / max(total, 1)
+        counts = {**{n: (int(m.sum()), m.numel()) for n, m in self.masks.items()}, **self.layer_counts}
+        kept = sum(k for k, _ in counts.values())
+        return 1.0 - kept / max(sum(t for _, t in counts.values()), 1)
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -299,9 +314,7 @@ def _write(
         raise FloatingPointError(f"{who} produced non-finite weights for {layer.name}")
     weight = get_weight(layer.module)
     weight.copy_(outcome.weight.to(weight.device, weight.dtype))
-    mask = outcome.mask.to("cpu", torch.bool)
-    result.masks[layer.name] = mask
-    result.layer_sparsity[layer.name] = 1.0 - float(mask.sum()) / mask.numel()
+    result.record_mask(layer.name, outcome.mask.to("cpu", torch.bool))
     error = _relative_error(original, outcome.weight.to(original.device), stats.hessian if stats is not None else None)
     if error is not None:
         result.layer_errors[layer.name] = error
@@ -323,8 +336,7 @@ def share_layer(layer: PrunableLayer, owner: int, result: PruningResult) -> Laye
     broadcast(mask, owner)
     error = torch.tensor([result.layer_errors.get(layer.name, float("nan"))], dtype=torch.float64, device=device)
     broadcast(error, owner)
-    result.masks[layer.name] = mask.to("cpu", torch.bool)
-    result.layer_sparsity[layer.name] = 1.0 - float(mask.sum()) / mask.numel()
+    result.record_mask(layer.name, mask.to("cpu", torch.bool))
     if not torch.isnan(error).item():
         result.layer_errors[layer.name] = float(error.item())
     return LayerResult(weight.detach().float().clone(), result.masks[layer.name])

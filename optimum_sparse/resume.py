@@ -142,7 +142,8 @@ class ResumeLog:
             weights = load_file(self._path(f"block_{index}.safetensors"))
             device = next(blocks[index].parameters()).device
             blocks[index].load_state_dict({k: v.to(device) for k, v in weights.items()})
-            result.masks.update(torch.load(self._path(f"masks_{index}.pt")))
+            for name, mask in torch.load(self._path(f"masks_{index}.pt")).items():
+                result.record_mask(name, mask)
         state = torch.load(self._path(STATE_FILE), weights_only=False)
         if inputs is not None:
             device = inputs.hidden[0].device

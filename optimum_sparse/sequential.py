@@ -182,6 +182,7 @@ def prune(
                 block.to(home)
             if block_source is not None:
                 block_source.finish(index)
+                result.drop_masks([layer.name for layer in per_block[index]])  # its zeros are written
             if resume is not None:
                 result.seconds = time.perf_counter() - start
                 resume.record(index, block, [layer.name for layer in per_block[index]], inputs, result, dense)

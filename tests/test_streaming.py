@@ -51,7 +51,9 @@ def test_streamed_pruning_equals_the_in_memory_run(settings, sharded_llama, wind
     for name, tensor in in_memory.state_dict().items():
         if name in streamed:
             assert torch.equal(streamed[name], tensor), name
-    assert set(result.masks) == set(expected.masks)
+    # no mask outlives its block (a byte per weight: 6.5 GB on a 7B model); the counts do
+    assert result.masks == {} and set(result.layer_counts) == set(expected.masks)
+    assert result.sparsity == pytest.approx(expected.sparsity) and result.layer_sparsity == expected.layer_sparsity
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # an ordinary checkpoint
     with torch.no_grad():
         assert torch.equal(plain(input_ids=windows[:1]).logits, in_memory(input_ids=windows[:1]).logits)
