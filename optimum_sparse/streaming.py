@@ -29,6 +29,8 @@ from optimum_sparse.blocks import PruningResult
 from optimum_sparse.calibration import CalibrationSource
 from optimum_sparse.config import SparsityConfig
 from optimum_sparse.sequential import prune
+from optimum_sparse.solvers import get_solver_class
+from optimum_sparse.solvers.base import FLOAT64_MAX_FEATURES
 
 logger = logging.getLogger(__name__)
 
@@ -240,14 +242,18 @@ def parse_size(text: str) -> int:
 def estimate_peak_bytes(source: str, config: SparsityConfig, low_memory: bool) -> dict[str, int]:
     """What a run on the checkpoint `source` will hold at its peak, from the shard headers alone.
 
-    weights: the whole model, or (low_memory) what sits outside the blocks plus one block; activations:
-    the calibration windows entering a block and leaving it (twice that with block reconstruction's
-    dense stream), in the checkpoint's dtype; solver: float32 copies of the largest layer and its
-    Hessian (with its factorisation). An estimate, checked before any work, not a measurement.
+    weights: the whole model, or (low_memory) what sits outside the blocks plus one block; masks: a
+    byte per pruned weight of every block (in memory) or of one block (low_memory: each block's masks
+    are dropped once written); activations: the calibration windows entering a block and leaving it
+    (twice that with block reconstruction's dense stream), in the checkpoint's dtype; solver: the
+    larger of the statistics pass (float64 Hessian sums of a block's four input groups) and the solve
+    (float32 copies of the largest layer, its Hessian and the factorisation, float64 up to
+    FLOAT64_MAX_FEATURES inputs). An estimate, checked before any work, not a measurement.
     """
     from transformers import AutoConfig
 
     sizes: dict[str, tuple[int, int]] = {}  # name -> (elements, bytes per element)
+    matrices: set[str] = set()  # 2-D tensors: what a solver prunes and keeps a mask of
     mapping = weight_map(source)
     for file in set(mapping.values()):
         with safe_open(os.path.join(source, file), "pt") as handle:
@@ -258,6 +264,8 @@ def estimate_peak_bytes(source: str, config: SparsityConfig, low_memory: bool) -
                     numel *= dim
                 width = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(piece.get_dtype(), 4)
                 sizes[name] = (numel, width)
+                if len(piece.get_shape()) == 2:
+                    matrices.add(name)
     total = sum(n * w for n, w in sizes.values())
     block_names = [name for name in sizes if ".0." in name and name.split(".0.")[0].endswith(("layers", "h", "blocks"))]
     one_block = sum(sizes[n][0] * sizes[n][1] for n in block_names)
@@ -270,7 +278,21 @@ def estimate_peak_bytes(source: str, config: SparsityConfig, low_memory: bool) -
     streams = 2 if config.reconstruction else 1
     activations = 2 * streams * config.num_samples * config.seq_len * hidden * width
     largest = max((sizes[n][0] for n in block_names), default=0)
-    widest = max(hidden, int(getattr(text, "intermediate_size", 0) or 0))
-    solver = 3 * largest * 4 + 3 * widest * widest * 4
+    inter = int(getattr(text, "intermediate_size", 0) or 0)
+    widest = max(hidden, inter)
+    if get_solver_class(config.method).requires_hessian or config.weight_update:
+        factor = 8 if widest <= FLOAT64_MAX_FEATURES else 4
+        solve = 3 * largest * 4 + (8 + factor) * widest * widest
+        solver = max(8 * (3 * hidden * hidden + inter * inter), solve)
+    else:
+        solver = 3 * largest * 4
     weights = outside + one_block if low_memory else total
-    return {"weights": weights, "activations": activations, "solver": solver, "total": weights + activations + solver}
+    block_weights = sum(sizes[n][0] for n in block_names if n in matrices)
+    masks = block_weights * (1 if low_memory else layers)
+    return {
+        "weights": weights,
+        "masks": masks,
+        "activations": activations,
+        "solver": solver,
+        "total": weights + masks + activations + solver,
+    }
