@@ -217,3 +217,9 @@ def saved_llama(tmp_path_factory) -> str:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     seed_everything(0)
+
+
+def prune_args(model: str, data: str, *extra: str) -> list[str]:
+    """`optimum-sparse prune` on `model`, calibrated on 4 x 32 tokens of `data`, on the CPU, quietly."""
+    calibration = ["--calibration-data", data, "--num-samples", "4", "--seq-len", "32"]
+    return ["prune", "--model", model, *calibration, "--no-progress", "--device", "cpu", *extra]

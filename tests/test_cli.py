@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import prune_args
 from transformers import AutoModelForCausalLM
 
 from optimum_sparse import cli
@@ -15,24 +16,6 @@ from optimum_sparse.config import CONFIG_NAME, SparsityConfig
 from optimum_sparse.evaluation import sparsity_report
 
 RECORD_KEYS = {"model", "method", "sparsity", "measured_sparsity", "ppl_dense", "ppl", "prune_seconds", "peak_rss_mb"}
-
-
-def _prune_args(model: str, data: str, *extra: str) -> list[str]:
-    return [
-        "prune",
-        "--model",
-        model,
-        "--calibration-data",
-        data,
-        "--num-samples",
-        "4",
-        "--seq-len",
-        "32",
-        "--no-progress",
-        "--device",
-        "cpu",
-        *extra,
-    ]
 
 
 def _eval_args(model: str, data: str, *extra: str) -> list[str]:
@@ -104,7 +87,7 @@ def test_prune_learned_channels_then_slice_save_and_eval_the_smaller_model(saved
     extra = ["--method", "pg", "--sparsity", "0.4", "--set", "pattern=channels", "pg_objective=block"]
     extra += ["pg_block_steps=5", "--slice", "--output", os.fspath(output), "--json", "--skip-dense-eval"]
     extra += ["--eval-data", text_file, "--eval-seq-len", "64", "--eval-max-windows", "2"]
-    assert cli.main(_prune_args(saved_llama, text_file, *extra)) == 0
+    assert cli.main(prune_args(saved_llama, text_file, *extra)) == 0
     record = _last_json(capsys.readouterr().out)
     assert record["parameters_sliced"] < 0.8 * record["parameters_dense"]
     assert record["output"] == os.fspath(output) and _leftovers(tmp_path) == []
@@ -116,7 +99,7 @@ def test_uniform_widths_flag_slices_to_a_checkpoint_plain_transformers_loads(sav
     output = tmp_path / "standard"
     extra = ["--method", "pg", "--sparsity", "0.4", "--set", "pattern=channels", "pg_objective=block", "pg_block_steps=3"]
     extra += ["--uniform-widths", "--slice", "--output", os.fspath(output), "--json"]
-    assert cli.main(_prune_args(saved_llama, text_file, *extra)) == 0
+    assert cli.main(prune_args(saved_llama, text_file, *extra)) == 0
     assert _last_json(capsys.readouterr().out)["parameters_sliced"] < 0.8 * _parameter_count(saved_llama)
     from transformers import AutoModelForCausalLM
 
@@ -130,7 +113,7 @@ def test_uniform_widths_flag_refuses_an_unsupported_architecture_before_loading_
 
     build_model("opt").save_pretrained(tmp_path / "opt")
     extra = ["--method", "pg", "--set", "pattern=channels", "pg_objective=block", "--uniform-widths"]
-    assert cli.main(_prune_args(os.fspath(tmp_path / "opt"), text_file, *extra)) == 2
+    assert cli.main(prune_args(os.fspath(tmp_path / "opt"), text_file, *extra)) == 2
     assert "uniform_widths writes a standard checkpoint for the model types" in capsys.readouterr().err
 
 
@@ -141,14 +124,14 @@ def _parameter_count(model_dir: str) -> int:
 
 
 def test_slice_needs_channel_masks(saved_llama, text_file, capsys):
-    assert cli.main(_prune_args(saved_llama, text_file, "--method", "wanda", "--slice")) == 2
+    assert cli.main(prune_args(saved_llama, text_file, "--method", "wanda", "--slice")) == 2
     assert "--set pattern=channels" in capsys.readouterr().err
 
 
 def test_prune_nm_from_a_config_file(saved_llama, text_file, tmp_path, capsys):
     SparsityConfig(method="sparsegpt", ignore=[r"down_proj"], seed=7).save_pretrained(tmp_path / "cfg")
     output = tmp_path / "out"
-    args = _prune_args(saved_llama, text_file, "--config", os.fspath(tmp_path / "cfg"), "--sparsity", "2:4")
+    args = prune_args(saved_llama, text_file, "--config", os.fspath(tmp_path / "cfg"), "--sparsity", "2:4")
     assert cli.main(args + ["--output", os.fspath(output), "--json"]) == 0
     record = _last_json(capsys.readouterr().out)
     assert record["method"] == "sparsegpt" and record["sparsity"] == "2:4"
@@ -201,7 +184,7 @@ def test_set_reaches_any_config_field_and_names_unknown_ones():
     ],
 )
 def test_bad_prune_arguments_exit_2_with_the_error_on_stderr(saved_llama, text_file, extra, message, capsys):
-    assert cli.main(_prune_args(saved_llama, text_file, *extra)) == 2
+    assert cli.main(prune_args(saved_llama, text_file, *extra)) == 2
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("optimum-sparse prune: error:")]
     assert len(errors) == 1 and message in errors[0]
@@ -210,14 +193,14 @@ def test_bad_prune_arguments_exit_2_with_the_error_on_stderr(saved_llama, text_f
 
 def test_unparseable_sparsity_is_an_argparse_error(saved_llama, text_file, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(_prune_args(saved_llama, text_file, "--sparsity", "half"))
+        cli.main(prune_args(saved_llama, text_file, "--sparsity", "half"))
     assert exit_info.value.code == 2
     assert "--sparsity takes a fraction such as 0.5 or a pattern such as 2:4, got 'half'" in capsys.readouterr().err
 
 
 def test_missing_files_are_reported_before_loading(saved_llama, text_file, tmp_path, capsys):
     missing = os.fspath(tmp_path / "missing.txt")
-    assert cli.main(_prune_args(saved_llama, missing)) == 2
+    assert cli.main(prune_args(saved_llama, missing)) == 2
     assert f"text file {missing!r} does not exist" in capsys.readouterr().err
     assert cli.main(_eval_args(saved_llama, missing)) == 2
     assert f"text file {missing!r} does not exist" in capsys.readouterr().err
@@ -231,7 +214,7 @@ def test_failed_prune_leaves_no_output_directory(saved_llama, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("far too short for a window", encoding="utf-8")
     output = tmp_path / "out"
-    assert cli.main(_prune_args(saved_llama, os.fspath(short), "--output", os.fspath(output))) == 2
+    assert cli.main(prune_args(saved_llama, os.fspath(short), "--output", os.fspath(output))) == 2
     assert "fewer than one window of seq_len=32" in capsys.readouterr().err
     assert not output.exists()
     assert _leftovers(tmp_path) == []
@@ -246,7 +229,7 @@ def test_failure_while_saving_leaves_no_partial_output(saved_llama, text_file, t
 
     monkeypatch.setattr(SparsityConfig, "save_pretrained", fail)
     output = tmp_path / "out"
-    args = _prune_args(saved_llama, text_file, "--method", "magnitude", "--output", os.fspath(output))
+    args = prune_args(saved_llama, text_file, "--method", "magnitude", "--output", os.fspath(output))
     assert cli.main(args) == 2
     assert "disk full (simulated)" in capsys.readouterr().err
     assert not output.exists()
@@ -257,7 +240,7 @@ def test_existing_output_needs_overwrite(saved_llama, text_file, tmp_path, capsy
     output = tmp_path / "out"
     output.mkdir()
     (output / "keep.txt").write_text("precious", encoding="utf-8")
-    args = _prune_args(saved_llama, text_file, "--method", "magnitude", "--output", os.fspath(output))
+    args = prune_args(saved_llama, text_file, "--method", "magnitude", "--output", os.fspath(output))
     assert cli.main(args) == 2
     assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
     assert (output / "keep.txt").read_text(encoding="utf-8") == "precious"
@@ -267,7 +250,7 @@ def test_existing_output_needs_overwrite(saved_llama, text_file, tmp_path, capsy
     # an existing but empty directory is fine without --overwrite
     empty = tmp_path / "empty"
     empty.mkdir()
-    args = _prune_args(saved_llama, text_file, "--method", "magnitude", "--output", os.fspath(empty))
+    args = prune_args(saved_llama, text_file, "--method", "magnitude", "--output", os.fspath(empty))
     assert cli.main(args) == 0
     assert (empty / CONFIG_NAME).is_file()
 
@@ -275,7 +258,7 @@ def test_existing_output_needs_overwrite(saved_llama, text_file, tmp_path, capsy
 def test_output_that_is_a_file_is_refused(saved_llama, text_file, tmp_path, capsys):
     output = tmp_path / "model.bin"
     output.write_text("not a directory", encoding="utf-8")
-    args = _prune_args(saved_llama, text_file, "--method", "magnitude", "--output", os.fspath(output))
+    args = prune_args(saved_llama, text_file, "--method", "magnitude", "--output", os.fspath(output))
     for extra in ([], ["--overwrite"]):
         assert cli.main(args + extra) == 2
         assert "is a file, not a directory; choose another path" in capsys.readouterr().err
@@ -317,7 +300,7 @@ def test_owl_profile_and_block_reconstruction_flags_reach_the_config_and_the_sav
     output = tmp_path / "owl"
     extra = ["--method", "wanda", "--sparsity", "0.6", "--sparsity-profile", "owl", "--reconstruct", "block"]
     extra += ["--set", "owl_m=3", "reconstruction_epochs=2", "--output", os.fspath(output), "--json"]
-    assert cli.main(_prune_args(saved_llama, text_file, *extra)) == 0
+    assert cli.main(prune_args(saved_llama, text_file, *extra)) == 0
     record = _last_json(capsys.readouterr().out)
     assert record["measured_sparsity"] == pytest.approx(0.6, abs=0.01)  # 32-wide rows round each budget
     saved = json.loads((output / CONFIG_NAME).read_text())

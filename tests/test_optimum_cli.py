@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import prune_args
 
 from optimum_sparse import cli
 
@@ -40,32 +41,8 @@ def optimum_cli() -> str:
 
 
 def _prune_args(model: str, data: str, *extra: str) -> list[str]:
-    return [
-        "prune",
-        "--model",
-        model,
-        "--method",
-        "wanda",
-        "--sparsity",
-        "0.5",
-        "--calibration-data",
-        data,
-        "--num-samples",
-        "4",
-        "--seq-len",
-        "32",
-        "--eval-data",
-        data,
-        "--eval-seq-len",
-        "64",
-        "--eval-max-windows",
-        "2",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--json",
-        *extra,
-    ]
+    evaluation = ["--eval-data", data, "--eval-seq-len", "64", "--eval-max-windows", "2", "--json"]
+    return prune_args(model, data, "--method", "wanda", "--sparsity", "0.5", *evaluation, *extra)
 
 
 def test_the_namespace_directories_have_no_init_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import prune_args
 
 from optimum_sparse import cli
 from optimum_sparse.config import SparsityConfig
@@ -62,9 +63,9 @@ def test_cli_recipe_and_config_file_together_are_refused(tmp_path):
 
 
 def test_cli_prune_with_recipe_reports_it(saved_llama, text_file, capsys):
-    args = ["prune", "--model", saved_llama, "--calibration-data", text_file, "--num-samples", "4", "--seq-len", "32"]
-    args += ["--recipe", "best", "--sparsity", "0.5", "--set", "reconstruction_epochs=1", "admm_iterations=5", "admm_gradual_steps=2"]
-    assert cli.main([*args, "--no-progress", "--device", "cpu", "--json"]) == 0
+    settings = ["reconstruction_epochs=1", "admm_iterations=5", "admm_gradual_steps=2"]
+    args = prune_args(saved_llama, text_file, "--recipe", "best", "--sparsity", "0.5", "--set", *settings, "--json")
+    assert cli.main(args) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["recipe"] == "best" and record["method"] == "admm"
     assert record["measured_sparsity"] == pytest.approx(0.5, abs=0.01)
