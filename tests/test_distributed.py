@@ -1,5 +1,6 @@
 """Distributed calibration: `torchrun --nproc_per_node=2 -m optimum_sparse.cli prune` (gloo, CPU) splits the
-windows over two processes, sums the statistics, and ends with the masks and weights of one process."""
+windows over two processes, sums the statistics, and ends with the masks and weights of one process, bit
+for bit."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def test_two_processes_give_the_masks_and_weights_of_one(extra, saved_llama, tex
     assert two["world_size"] == 2 and one["world_size"] == 1
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for name in a:
-        assert torch.equal(a[name] == 0, b[name] == 0), name  # the same masks
-        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
+        # bit for bit: the statistics are float64 sums, so splitting the windows does not change them
+        assert torch.equal(a[name], b[name]), name
     assert two["measured_sparsity"] == one["measured_sparsity"]
 
 
