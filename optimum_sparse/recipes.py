@@ -30,19 +30,19 @@ RECIPES: dict[str, tuple[Rule, ...]] = {
             "n:m",
             1.0,
             {"method": "admm", "reconstruction": "block"},
-            "2:4: ADMM's masks and weights, then block reconstruction",
+            "2:4: ADMM, then block reconstruction (SmolLM2: 33.47 against ADMM's 40.25)",
         ),
         Rule(
             "unstructured",
             0.6,
             {"method": "admm", "reconstruction": "block"},
-            "50%: ADMM, then block reconstruction",
+            "50%: ADMM, then block reconstruction (SmolLM2: 26.49 against ADMM's 28.43, also better out of domain)",
         ),
         Rule(
             "unstructured",
             1.0,
-            {"method": "sparsellm", "sparsity_profile": "owl", "reconstruction": "block"},
-            "70% and more: SparseLLM with OWL layer budgets, then block reconstruction",
+            {"method": "sparsellm"},
+            "70% and more: SparseLLM (SmolLM2 70%: 47.93 against ADMM's 61.30)",
         ),
     ),
 }

@@ -19,7 +19,7 @@ def test_best_recipe_picks_the_settings_of_each_sparsity():
     assert (two_four.method, two_four.pattern, two_four.nm) == ("admm", "2:4", (2, 4))
     assert two_four.sparsity_profile is None  # a layer profile cannot apply to N:M
     high = SparsityConfig.recipe("best", 0.7)
-    assert (high.method, high.sparsity_profile, high.reconstruction) == ("sparsellm", "owl", "block")
+    assert (high.method, high.sparsity) == ("sparsellm", 0.7)
 
 
 def test_keywords_override_the_recipe():
@@ -49,10 +49,11 @@ def _config(*flags: str) -> SparsityConfig:
 
 
 def test_cli_recipe_then_explicit_flags_win():
-    config = _config("--recipe", "best", "--sparsity", "0.7")
-    assert (config.method, config.sparsity, config.sparsity_profile) == ("sparsellm", 0.7, "owl")
-    config = _config("--recipe", "best", "--sparsity", "0.7", "--method", "admm", "--set", "reconstruction_epochs=2")
-    assert (config.method, config.sparsity_profile, config.reconstruction_epochs) == ("admm", "owl", 2)
+    config = _config("--recipe", "best", "--sparsity", "0.5")
+    assert (config.method, config.sparsity, config.reconstruction) == ("admm", 0.5, "block")
+    config = _config("--recipe", "best", "--sparsity", "0.5", "--method", "wanda", "--set", "reconstruction_epochs=2")
+    assert (config.method, config.reconstruction, config.reconstruction_epochs) == ("wanda", "block", 2)
+    assert _config("--recipe", "best", "--sparsity", "0.7").method == "sparsellm"
     assert _config("--recipe", "best", "--sparsity", "2:4").pattern == "2:4"
 
 
