@@ -81,7 +81,13 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """Calibration activations entering a block, plus the extra call arguments to replay."""
+    """Calibration activations entering a block, plus the extra call arguments to replay.
+
+    The activations are kept on the CPU in the model's dtype (`capture_block_inputs`); each window goes
+    to `device`, where the block runs, when its turn comes, and its output comes back. On a GPU this keeps
+    128 x 2048 tokens of a 7B model's activations (2 GiB in bfloat16, twice that in and out) off the
+    accelerator; on a CPU run nothing moves.
+    """
 
     hidden: list[torch.Tensor]
     args: tuple
@@ -91,11 +97,17 @@ class BlockInputs:
     #: `args`/`kwargs`. Models mixing layer types (Gemma 2/3: sliding-window and global layers) hand each
     #: block its own attention mask and rotary tables.
     per_block: list[tuple[tuple, dict]] | None = None
+    #: where the blocks run (None: where the activations are)
+    device: torch.device | None = None
+
+    @property
+    def compute_device(self) -> torch.device:
+        return self.device if self.device is not None else self.hidden[0].device
 
     def use_block(self, index: int) -> None:
         """Replay the extra arguments block `index` received in the model's own forward pass."""
         if self.per_block is not None and index < len(self.per_block):
-            device = self.hidden[0].device
+            device = self.compute_device
             self.args, self.kwargs = _to(self.per_block[index][0], device), _to(self.per_block[index][1], device)
 
     #: most tokens per batched block call when replaying the windows (`run_windows`); 0 disables batching;
@@ -104,6 +116,8 @@ class BlockInputs:
     batch_tokens: int | None = None
 
     def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The block's output for one window (or a batch), on the compute device."""
+        hidden = hidden.to(self.compute_device)
         if self.hidden_in_kwargs:
             out = block(*self.args, hidden_states=hidden, **self.kwargs)
         else:
@@ -111,7 +125,8 @@ class BlockInputs:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def run_windows(self, block: nn.Module, windows: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Run calibration windows (default: all) through `block`; one output per window, in order.
+        """Run calibration windows (default: all) through `block`; one output per window, in order, each
+        on the device its window came from (the CPU for the activations the engine keeps).
 
         On accelerators (or whenever `batch_tokens` > 0) windows of equal shape are stacked along the
         batch axis, up to `batch_tokens` tokens per call, so that a GPU gets large matrix products. The recorded
@@ -129,17 +144,18 @@ class BlockInputs:
                     out = self.run(block, chunk)
                     if out.shape != chunk.shape:
                         raise ValueError(f"batched block output {tuple(out.shape)} != input {tuple(chunk.shape)}")
+                    out = out.to(chunk.device)
                     outputs.extend(out.split([w.shape[0] for w in windows[start : start + per_call]]))
                 return outputs
             except Exception as error:  # noqa: BLE001 - any failure means: do not batch this model
                 logger.debug("batched block call failed (%s); running windows one at a time", error)
                 self.batch_tokens = 0
-        return [self.run(block, hidden) for hidden in windows]
+        return [self.run(block, hidden).to(hidden.device) for hidden in windows]
 
     def _windows_per_call(self, windows: list[torch.Tensor]) -> int:
         budget = self.batch_tokens
         if budget is None:
-            budget = 0 if not windows or windows[0].device.type == "cpu" else 8192
+            budget = 0 if not windows or self.compute_device.type == "cpu" else 8192
         if budget <= 0 or len(windows) < 2:
             return 1
         shape = windows[0].shape
@@ -169,7 +185,7 @@ def capture_block_inputs(
     device: torch.device,
     source: BlockSource | None = None,
 ) -> BlockInputs:
-    """Run the model up to block 0 on each window and record what block 0 receives.
+    """Run the model up to block 0 on each window and record what block 0 receives (on the CPU).
 
     The first window runs through every block (one full forward pass) to record the extra arguments
     each block is given, which differ per block in models that mix layer types.
@@ -185,7 +201,7 @@ def capture_block_inputs(
             kwargs = dict(kwargs)
             states, rest, in_kwargs = kwargs.pop("hidden_states"), (), True
         if index == 0:
-            hidden.append(states.detach().to(device))
+            hidden.append(states.detach().to("cpu"))
             replay.setdefault("in_kwargs", in_kwargs)
         per_block.setdefault(index, (rest, kwargs))
         if len(per_block) == len(blocks) or len(hidden) > 1:
@@ -213,7 +229,7 @@ def capture_block_inputs(
         raise RuntimeError("block 0 was never called; is this a decoder model with repeated blocks?")
     order = [per_block[i] for i in range(len(blocks))] if len(per_block) == len(blocks) else None
     args, kwargs = per_block[0]
-    return BlockInputs(hidden, _to(args, device), _to(kwargs, device), replay["in_kwargs"], order)
+    return BlockInputs(hidden, _to(args, device), _to(kwargs, device), replay["in_kwargs"], order, device=device)
 
 
 def input_groups(block: nn.Module, layers: list[PrunableLayer], inputs: BlockInputs) -> list[list[PrunableLayer]]:

@@ -49,6 +49,7 @@ def _param_mask(module: nn.Module, mask: torch.Tensor, device: torch.device) -> 
 
 
 def _relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    target = target.to(output.device)  # targets stay on the CPU with the activations
     return (output - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
 
 

@@ -267,3 +267,35 @@ def test_batched_window_replay_falls_back_when_a_block_refuses_batches(windows):
         outputs = inputs.run_windows(block)
     assert inputs.batch_tokens == 0
     assert [tuple(o.shape) for o in outputs] == [tuple(h.shape) for h in inputs.hidden]
+
+
+def test_activations_stay_on_the_cpu_and_blocks_run_on_the_pruning_device(windows):
+    """The engine keeps calibration activations on the CPU and sends each window to the block's device."""
+    model = build_model("llama")
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, windows, torch.device("cpu"))
+    assert inputs.device == torch.device("cpu") and all(h.device.type == "cpu" for h in inputs.hidden)
+    seen = []
+    handle = blocks[0].register_forward_pre_hook(
+        lambda m, a, k: seen.append(k.get("hidden_states", a[0] if a else None)), with_kwargs=True
+    )
+    with torch.no_grad():
+        outputs = inputs.run_windows(blocks[0])
+    handle.remove()
+    assert len(seen) == len(windows) and all(o.device.type == "cpu" for o in outputs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_activations_stay_on_the_cpu_and_outputs_come_back(windows):
+    model = build_model("llama").cuda()
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, windows, torch.device("cuda"))
+    assert all(h.device.type == "cpu" for h in inputs.hidden) and inputs.compute_device.type == "cuda"
+    with torch.no_grad():
+        outputs = inputs.run_windows(blocks[0])
+        direct = [inputs.run(blocks[0], h) for h in inputs.hidden]
+    assert all(o.device.type == "cpu" for o in outputs) and all(d.device.type == "cuda" for d in direct)
+    for mine, theirs in zip(outputs, direct):
+        torch.testing.assert_close(mine, theirs.cpu())
+    result = prune(build_model("llama").cuda(), SparsityConfig(method="sparsegpt", device="cuda"), windows)
+    assert result.sparsity == pytest.approx(0.5, abs=0.01)
