@@ -252,10 +252,14 @@ def config_from_args(args: argparse.Namespace) -> SparsityConfig:
     """
     if args.config and args.recipe:
         raise ValueError("--config and --recipe both give the starting settings; pass one of them")
+    settings = _field_settings(args.set)
     if args.recipe:
-        amount = args.sparsity.get("pattern") or args.sparsity.get("sparsity", 0.5)
+        # the rule follows the sparsity the run will have, also when --set gives it
+        requested = {**args.sparsity, **{k: settings[k] for k in ("sparsity", "pattern") if k in settings}}
+        pattern = requested.get("pattern") if requested.get("pattern") not in (None, "unstructured") else None
+        amount = pattern or requested.get("sparsity", 0.5)
+        rule = recipe_rule(args.recipe, None if pattern else amount, requested.get("pattern"))
         base = SparsityConfig.recipe(args.recipe, amount)
-        rule = recipe_rule(args.recipe, args.sparsity.get("sparsity"), args.sparsity.get("pattern"))
         logger.info("recipe %s at %s: %s", args.recipe, amount, rule.reason)
     elif args.config:
         base = SparsityConfig.from_pretrained(args.config)
@@ -282,7 +286,7 @@ def config_from_args(args: argparse.Namespace) -> SparsityConfig:
         overrides["uniform_widths"] = True
     changes = {k: v for k, v in overrides.items() if v is not None}
     changes.update({"sparsity": None, "pattern": None, **args.sparsity})
-    changes.update(_field_settings(args.set))  # last: `--set pattern=channels` keeps --sparsity's fraction
+    changes.update(settings)  # last: `--set pattern=channels` keeps --sparsity's fraction
     return base.replace(**changes)
 
 
@@ -392,6 +396,7 @@ def _prune_from_disk(args: argparse.Namespace, config: SparsityConfig) -> dict[s
         "prune_seconds": result.seconds,
         "output": args.output,
         "low_memory": True,
+        **({"recipe": args.recipe} if args.recipe else {}),
         "peak_rss_mb": peak_rss_mb(),
         **_peak_gpu(),
     }
@@ -412,7 +417,8 @@ def _check_memory(args: argparse.Namespace, config: SparsityConfig) -> None:
             advice = "lower --num-samples or --seq-len (the calibration activations dominate)"
         raise ValueError(
             f"this run needs about {need['total'] / 2**30:.2f} GiB (weights {need['weights'] / 2**30:.2f}, "
-            f"activations {need['activations'] / 2**30:.2f}, solver {need['solver'] / 2**30:.2f}), more than "
+            f"masks {need['masks'] / 2**30:.2f}, activations {need['activations'] / 2**30:.2f}, "
+            f"solver {need['solver'] / 2**30:.2f}), more than "
             f"--max-memory {args.max_memory}: {advice or 'raise --max-memory'}"
         )
 

@@ -380,6 +380,9 @@ class SparsityConfig:
         is the method and settings that measured best at 70% (docs/quality.md); a keyword given here
         wins over the preset, as an explicit flag does over `--recipe` on the command line.
         """
+        clash = sorted({"sparsity", "pattern"} & set(overrides))
+        if clash:
+            raise ValueError(f"give the sparsity as recipe()'s `sparsity` argument (0.5 or '2:4'), not as {clash}")
         if isinstance(sparsity, str) and ":" in sparsity:
             amount: dict[str, Any] = {"pattern": sparsity, "sparsity": None}
         else:

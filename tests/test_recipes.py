@@ -26,13 +26,16 @@ def test_keywords_override_the_recipe():
     config = SparsityConfig.recipe("best", 0.5, reconstruction=None, reconstruction_epochs=3)
     assert config.method == "admm" and config.reconstruction is None and config.reconstruction_epochs == 3
     assert SparsityConfig.recipe("best", 0.7, method="wanda").method == "wanda"
+    with pytest.raises(ValueError, match="recipe\\(\\)'s `sparsity` argument"):
+        SparsityConfig.recipe("best", 0.5, pattern="2:4")
 
 
 def test_every_rule_of_every_recipe_builds_a_valid_config():
     for name, rules in RECIPES.items():
         for rule in rules:
             amount = "2:4" if rule.kind == "n:m" else min(rule.max_sparsity, 0.9)
-            assert recipe_rule(name, None if rule.kind == "n:m" else amount, "2:4" if rule.kind == "n:m" else None)
+            chosen = recipe_rule(name, None if rule.kind == "n:m" else amount, "2:4" if rule.kind == "n:m" else None)
+            assert chosen is rule  # every rule is reachable
             SparsityConfig.recipe(name, amount)
             assert rule.reason
 
@@ -55,6 +58,11 @@ def test_cli_recipe_then_explicit_flags_win():
     assert (config.method, config.reconstruction, config.reconstruction_epochs) == ("wanda", "block", 2)
     assert _config("--recipe", "best", "--sparsity", "0.7").method == "sparsellm"
     assert _config("--recipe", "best", "--sparsity", "2:4").pattern == "2:4"
+    # the rule follows the sparsity the run will have, also when --set gives it
+    assert _config("--recipe", "best", "--set", "sparsity=0.7").method == "sparsellm"
+    assert _config("--recipe", "best", "--set", "pattern=2:4").method == "admm"
+    with pytest.raises(ValueError, match="unstructured or N:M"):
+        _config("--recipe", "best", "--set", "pattern=channels")
 
 
 def test_cli_recipe_and_config_file_together_are_refused(tmp_path):

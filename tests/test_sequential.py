@@ -283,6 +283,7 @@ def test_activations_stay_on_the_cpu_and_blocks_run_on_the_pruning_device(window
         outputs = inputs.run_windows(blocks[0])
     handle.remove()
     assert len(seen) == len(windows) and all(o.device.type == "cpu" for o in outputs)
+    assert all(s.device == inputs.compute_device for s in seen)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

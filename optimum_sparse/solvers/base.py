@@ -50,7 +50,9 @@ class LayerStatistics:
     (`sq_norms`, `hessian`) are made once, when first read, and the float64 Hessian sum is then freed.
     Why float64: the order in which windows are added then (almost never) changes a float32 result, so
     one process and several (each summing its own windows, then all-reduced) get the same statistics,
-    and methods that break near-ties the same way prune the same weights.
+    and methods that break near-ties the same way prune the same weights. That holds where windows run
+    one at a time (the CPU default); batched replay on a GPU groups windows by process, and a batched
+    forward pass may differ from a single one in its last bits.
     """
 
     #: most elements of the float32 product formed at once (X^T X is added in row chunks)
@@ -59,9 +61,12 @@ class LayerStatistics:
     def __init__(self, in_features: int, with_hessian: bool, device: torch.device | str = "cpu"):
         self.in_features = in_features
         self.num_tokens = 0
-        self._sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.device = torch.device(device)
+        # Apple's MPS has no float64: the sums live on the CPU there, the float32 results on the device
+        sums = torch.device("cpu") if self.device.type == "mps" else self.device
+        self._sq_sum = torch.zeros(in_features, dtype=torch.float64, device=sums)
         self._h_sum = (
-            torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if with_hessian else None
+            torch.zeros(in_features, in_features, dtype=torch.float64, device=sums) if with_hessian else None
         )
         self._hessian: torch.Tensor | None = None
 
@@ -82,7 +87,7 @@ class LayerStatistics:
     def _hessian_sum(self) -> torch.Tensor | None:
         """The float64 sum X^T X, rebuilt from the float32 mean if that was already read."""
         if self._h_sum is None and self._hessian is not None:
-            self._h_sum = self._hessian.double() * self.num_tokens
+            self._h_sum = self._hessian.to(self._sq_sum.device).double() * self.num_tokens
             self._hessian = None
         return self._h_sum
 
@@ -102,13 +107,13 @@ class LayerStatistics:
     @property
     def sq_norms(self) -> torch.Tensor:
         """sum_t x_tj^2 for every input feature j (float32)."""
-        return self._sq_sum.float()
+        return self._sq_sum.float().to(self.device)
 
     @property
     def hessian(self) -> torch.Tensor | None:
         """H = X^T X / tokens in float32, or None without `with_hessian`."""
         if self._h_sum is not None:
-            self._hessian = self._h_sum.div_(max(self.num_tokens, 1)).float()
+            self._hessian = self._h_sum.div_(max(self.num_tokens, 1)).float().to(self.device)
             self._h_sum = None  # 1 GB on a 7B model's down_proj: not kept beside the float32 copy
         return self._hessian
 

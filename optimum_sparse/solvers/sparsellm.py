@@ -228,7 +228,7 @@ def _ridge_fit(stats: LayerStatistics, cross: torch.Tensor, anchor: torch.Tensor
     damp = dampening
     for _ in range(6):
         lam = damp * mean_diag
-        matrix = h.to(dtype)
+        matrix = h.to(dtype, copy=True)  # never the stored Hessian itself: a retry would dampen it twice
         matrix.diagonal().add_(lam)
         chol, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0:
