@@ -19,7 +19,7 @@ def test_best_recipe_picks_the_settings_of_each_sparsity():
     assert (two_four.method, two_four.pattern, two_four.nm) == ("admm", "2:4", (2, 4))
     assert two_four.sparsity_profile is None  # a layer profile cannot apply to N:M
     high = SparsityConfig.recipe("best", 0.7)
-    assert (high.method, high.sparsity) == ("sparsellm", 0.7)
+    assert (high.method, high.sparsity_profile, high.reconstruction) == ("sparsellm", "owl", "block")
 
 
 def test_keywords_override_the_recipe():
