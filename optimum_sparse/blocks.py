@@ -56,10 +56,9 @@ class PruningResult:
 
     @property
     def sparsity(self) -> float:
-        """Fraction of zeros over all pruned layers."""
-        counts = {**{n: (int(m.sum()), m.numel()) for n, m in self.masks.items()}, **self.layer_counts}
-        kept = sum(k for k, _ in counts.values())
-        return 1.0 - kept / max(sum(t for _, t in counts.values()), 1)
+        """Fraction of zeros over all pruned layers (every mask is recorded through `record_mask`)."""
+        kept = sum(k for k, _ in self.layer_counts.values())
+        return 1.0 - kept / max(sum(t for _, t in self.layer_counts.values()), 1)
 
 
 def _to(obj: Any, device: torch.device) -> Any:

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from optimum_sparse.config import SparsityConfig
-from optimum_sparse.recipes import available_recipes, recipe_rule
+from optimum_sparse.recipes import available_recipes
 from optimum_sparse.solvers import available_methods, get_solver_class
 
 logger = logging.getLogger("optimum_sparse")
@@ -256,11 +256,8 @@ def config_from_args(args: argparse.Namespace) -> SparsityConfig:
     if args.recipe:
         # the rule follows the sparsity the run will have, also when --set gives it
         requested = {**args.sparsity, **{k: settings[k] for k in ("sparsity", "pattern") if k in settings}}
-        pattern = requested.get("pattern") if requested.get("pattern") not in (None, "unstructured") else None
-        amount = pattern or requested.get("sparsity", 0.5)
-        rule = recipe_rule(args.recipe, None if pattern else amount, requested.get("pattern"))
-        base = SparsityConfig.recipe(args.recipe, amount)
-        logger.info("recipe %s at %s: %s", args.recipe, amount, rule.reason)
+        pattern = requested.get("pattern") if requested.get("pattern") != "unstructured" else None
+        base = SparsityConfig.recipe(args.recipe, pattern or requested.get("sparsity", 0.5))
     elif args.config:
         base = SparsityConfig.from_pretrained(args.config)
     else:

@@ -383,11 +383,12 @@ class SparsityConfig:
         clash = sorted({"sparsity", "pattern"} & set(overrides))
         if clash:
             raise ValueError(f"give the sparsity as recipe()'s `sparsity` argument (0.5 or '2:4'), not as {clash}")
-        if isinstance(sparsity, str) and ":" in sparsity:
+        if isinstance(sparsity, str):
             amount: dict[str, Any] = {"pattern": sparsity, "sparsity": None}
         else:
             amount = {"sparsity": float(sparsity)}
-        rule = recipe_rule(name, amount.get("sparsity"), amount.get("pattern"))
+        rule = recipe_rule(name, amount.get("sparsity"), amount.get("pattern"))  # refuses "channels" and the like
+        logger.info("recipe %s at %s: %s", name, sparsity, rule.reason)
         return cls(**{**rule.settings, **amount, **overrides})
 
     @classmethod
