@@ -481,6 +481,10 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     result = prune(model, config, args.calibration_data, tokenizer, show_progress=progress, resume_dir=args.resume_dir)
     record["measured_sparsity"] = result.sparsity
     record["prune_seconds"] = result.seconds
+    if result.reconstruction:
+        from optimum_sparse.reconstruction import summarize_reports
+
+        record["reconstruction"] = summarize_reports(result.reconstruction)
     logger.info("pruned %d layers to %.4f sparsity in %.1f s", len(result.masks), result.sparsity, result.seconds)
     if evaluate is not None:
         record["ppl"] = evaluate()

@@ -18,7 +18,9 @@ state there stays zero too. Training runs in float32 whatever the model's dtype.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +42,8 @@ class ReconstructionReport:
     heldout_after: float | None
     epochs: int
     best_epoch: int
+    #: wall-clock seconds of the fit (the dense targets' forward pass not included)
+    seconds: float = 0.0
 
 
 def _param_mask(module: nn.Module, mask: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -75,6 +79,7 @@ def reconstruct_block(
     is measured, the best weights are kept, and training stops after `reconstruction_patience`
     epochs without improvement.
     """
+    start = time.perf_counter()
     device = next(block.parameters()).device
     dtypes = {name: t.dtype for name, t in [*block.named_parameters(), *block.named_buffers()]}
     block.float()
@@ -142,6 +147,7 @@ def reconstruct_block(
         best_epoch=best_epoch,
     )
     _restore_dtypes(block, dtypes)
+    report.seconds = time.perf_counter() - start
     return report
 
 
@@ -151,6 +157,30 @@ def _restore_dtypes(block: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
         for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
             if tensor.dtype != dtypes[name]:
                 tensor.data = tensor.data.to(dtypes[name])
+
+
+def summarize_reports(reports: dict[int, ReconstructionReport]) -> dict[str, Any]:
+    """One JSON-ready summary of a run's block reports: where the time went and how far the fits got.
+
+    Errors are means over blocks; `best_epochs` lists each block's kept epoch (0: the solver's weights
+    were already best), so a run whose fits all stop early shows it was given more epochs than it used.
+    """
+    if not reports:
+        return {}
+    rows = [reports[index] for index in sorted(reports)]
+    heldout = [r for r in rows if r.heldout_before is not None]
+    summary: dict[str, Any] = {
+        "blocks": len(rows),
+        "seconds": sum(r.seconds for r in rows),
+        "epochs_run": sum(r.epochs for r in rows),
+        "best_epochs": [r.best_epoch for r in rows],
+        "train_error_before": sum(r.train_before for r in rows) / len(rows),
+        "train_error_after": sum(r.train_after for r in rows) / len(rows),
+    }
+    if heldout:
+        summary["heldout_error_before"] = sum(r.heldout_before for r in heldout) / len(heldout)
+        summary["heldout_error_after"] = sum(r.heldout_after for r in heldout) / len(heldout)
+    return summary
 
 
 class DenseStream:
@@ -179,13 +209,14 @@ class DenseStream:
         sources = self.inputs.hidden if config.reconstruction_inputs == "pruned" else self.hidden
         report = reconstruct_block(block, layers, masks, self.inputs, sources, targets, config)
         logger.info(
-            "reconstructed %d layers: error %.4g -> %.4g (held out %s), best epoch %d of %d",
+            "reconstructed %d layers: error %.4g -> %.4g (held out %s), best epoch %d of %d, %.1f s",
             len(layers),
             report.train_before,
             report.train_after,
             "n/a" if report.heldout_before is None else f"{report.heldout_before:.4g} -> {report.heldout_after:.4g}",
             report.best_epoch,
             report.epochs,
+            report.seconds,
         )
         return report
 

@@ -111,3 +111,19 @@ def test_reconstruction_after_a_refit_of_some_layers_only(windows):
     refit_weights(model, windows, masks=some, config=config, show_progress=False)
     assert all(bool((get_weight(model.get_submodule(n))[~m] == 0).all()) for n, m in some.items())
     assert float(get_weight(model.get_submodule("model.layers.0.self_attn.q_proj")).eq(0).float().mean()) == 0.0
+
+
+def test_the_run_summary_adds_up_the_block_reports(windows):
+    from optimum_sparse.reconstruction import summarize_reports
+
+    _, _, result = _pruned_pair(
+        "llama", windows, method="wanda", sparsity=0.6, reconstruction="block", reconstruction_holdout=0.25
+    )
+    reports = [result.reconstruction[i] for i in sorted(result.reconstruction)]
+    summary = summarize_reports(result.reconstruction)
+    assert summary["blocks"] == len(reports) == 2
+    assert summary["epochs_run"] == sum(r.epochs for r in reports)
+    assert summary["best_epochs"] == [r.best_epoch for r in reports]
+    assert summary["seconds"] == pytest.approx(sum(r.seconds for r in reports)) and summary["seconds"] > 0
+    assert summary["heldout_error_after"] == pytest.approx(sum(r.heldout_after for r in reports) / 2)
+    assert summarize_reports({}) == {}
