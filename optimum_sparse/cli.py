@@ -463,6 +463,8 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
         "sparsity": config.pattern or config.sparsity,
         "world_size": world,
         **({"recipe": args.recipe} if args.recipe else {}),
+        **({"layer_sparsity": config.layer_sparsity} if config.layer_sparsity is not None else {}),
+        **({"sparsity_profile": config.sparsity_profile} if config.sparsity_profile else {}),
     }
     evaluate = None
     if args.eval_data:

@@ -366,6 +366,8 @@ class SparsityConfig:
             amount = f"{self.pattern} {amount}"
         if self.sparsity_profile:
             amount += f" {self.sparsity_profile}"
+        elif isinstance(self.layer_sparsity, list):  # every block has its own: `sparsity` applies to none
+            amount = f"per-block budgets {min(self.layer_sparsity):.0%}-{max(self.layer_sparsity):.0%}"
         elif self.layer_sparsity is not None:
             amount += " (layer budgets)"
         if self.reconstruction:

@@ -303,6 +303,7 @@ def test_owl_profile_and_block_reconstruction_flags_reach_the_config_and_the_sav
     assert cli.main(prune_args(saved_llama, text_file, *extra)) == 0
     record = _last_json(capsys.readouterr().out)
     assert record["measured_sparsity"] == pytest.approx(0.6, abs=0.01)  # 32-wide rows round each budget
+    assert record["sparsity_profile"] == "owl" and "layer_sparsity" not in record
     fits = record["reconstruction"]  # where the time went and how far each block's fit got
     assert fits["blocks"] == 2 and len(fits["best_epochs"]) == 2 and 2 <= fits["epochs_run"] <= 4
     assert 0 < fits["seconds"] <= record["prune_seconds"]

@@ -150,3 +150,20 @@ def test_card_is_written_for_both_formats(compact, tmp_path):
     card = ModelCard.load(tmp_path / "ckpt" / "README.md")
     assert ("plain `transformers` cannot read it" in card.text) == compact
     assert str(card) == str(sparse.model_card(compact=compact))
+
+
+def test_card_and_title_name_per_block_budgets_not_the_default_sparsity_they_replace(tmp_path):
+    sparse = _pruned(layer_sparsity=[0.3, 0.7])  # two blocks, one budget each: `sparsity` applies to none
+    text = _measured(sparse, tmp_path / "ckpt").text
+    assert sparse.sparsity_config.describe() == "magnitude per-block budgets 30%-70%"
+    assert "| target sparsity | per-block budgets from 30% to 70% |" in text
+    assert "50%" not in text.split("## ")[0]  # the title and summary never claim the unused default
+
+
+def test_card_names_owl_budgets_and_module_budgets_beside_the_mean(tmp_path):
+    plain = _pruned()  # the card reads the config: OWL's own budgets need no calibration run here
+    owl_config = plain.sparsity_config.replace(method="wanda", sparsity_profile="owl")
+    owl = _measured(SparseModel(plain.model, masks=plain.masks, config=owl_config), tmp_path / "owl").text
+    assert "| target sparsity | 50% on average, OWL budgets per block |" in owl
+    by_module = _measured(_pruned(layer_sparsity={r"mlp\.down_proj": 0.3}), tmp_path / "module").text
+    assert '| target sparsity | 50%, budgets by module: {"mlp\\\\.down_proj": 0.3} |' in by_module

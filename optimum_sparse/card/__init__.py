@@ -10,6 +10,7 @@ model and no SparseModel. docs/format.md ("Model card") lists the fields.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -110,6 +111,12 @@ def build_model_card(
         config, base_model=base, causal=causal, fine_tuned=fine_tuned, metrics=metrics, model_name=title
     )
     amount = f"{config.pattern} ({config.sparsity:.0%})" if config.pattern else f"{config.sparsity:.0%}"
+    if isinstance(config.layer_sparsity, list):  # one budget per block: the default `sparsity` applies to none
+        amount = f"per-block budgets from {min(config.layer_sparsity):.0%} to {max(config.layer_sparsity):.0%}"
+    elif config.layer_sparsity is not None:
+        amount += f", budgets by module: {json.dumps(config.layer_sparsity)}"
+    elif config.sparsity_profile:
+        amount += f" on average, {config.sparsity_profile.upper()} budgets per block"
     method = config.method + (f" + {config.weight_update} weight update" if config.weight_update else "")
     rows = [
         ("method", method),
