@@ -421,8 +421,16 @@ class SparsityConfig:
         if unknown:
             logger.warning("ignoring unknown sparsity config keys %s (written by a newer version?)", unknown)
         data = {**(data.pop("settings", None) or {}), **data}  # the nested form of dataclasses.asdict too
-        if "measured_sparsity" in data and "measured_layer_sparsity" not in data:
-            data.pop("layer_sparsity", None)  # a file from before layer budgets: the measured per-layer sparsity
+        old_metadata = "measured_sparsity" in data and "measured_layer_sparsity" not in data
+        if old_metadata and isinstance(data.get("layer_sparsity"), dict):
+            # a file from before layer budgets kept the measured per-layer sparsity under this name (a dict
+            # of module names); a list was never written there, so a list is always a budget
+            data.pop("layer_sparsity")
+            logger.warning(
+                "reading 'layer_sparsity' as the measured sparsity of a file written before layer budgets "
+                "(it has measured_sparsity but no measured_layer_sparsity); to use it as budgets, remove "
+                "measured_sparsity from the file"
+            )
         common = {k: v for k, v in data.items() if k in _COMMON_FIELDS}
         given = {k: v for k, v in data.items() if k in owners}
         unused = _unused_settings(common, given)

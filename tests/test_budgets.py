@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -117,13 +118,21 @@ def test_budgets_are_saved_in_sparsity_config_and_reload(windows, tmp_path):
     assert SparsityConfig.from_pretrained(tmp_path) == config
 
 
-def test_a_checkpoint_from_before_layer_budgets_reads_its_measured_layer_sparsity_as_metadata(tmp_path):
+def test_a_checkpoint_from_before_layer_budgets_reads_its_measured_layer_sparsity_as_metadata(tmp_path, caplog):
     old = {"method": "wanda", "sparsity": 0.5, "measured_sparsity": 0.5, "layer_sparsity": {"model.layers.0.mlp": 0.5}}
     (tmp_path / "sparsity_config.json").write_text(json.dumps(old))
-    assert SparsityConfig.from_pretrained(tmp_path).layer_sparsity is None
+    with caplog.at_level(logging.WARNING, logger="optimum_sparse.config"):
+        assert SparsityConfig.from_pretrained(tmp_path).layer_sparsity is None
+    assert "written before layer budgets" in caplog.text  # said, so a hand-edited file's budgets are not lost silently
 
 
 def test_a_block_without_pruned_layers_does_not_shrink_the_owl_spread():
     with_empty = owl_sparsities([0.02, 0.03, 0.0, 0.05], [1, 1, 0, 1], target=0.5, lam=0.08)
     without = owl_sparsities([0.02, 0.03, 0.05], [1, 1, 1], target=0.5, lam=0.08)
     assert [with_empty[i] for i in (0, 1, 3)] == pytest.approx(without)
+
+
+def test_per_block_budgets_in_a_file_without_measured_layer_sparsity_are_kept(tmp_path):
+    edited = {"method": "wanda", "sparsity": 0.5, "measured_sparsity": 0.5, "layer_sparsity": [0.4, 0.6]}
+    (tmp_path / "sparsity_config.json").write_text(json.dumps(edited))  # old files never held a list there
+    assert SparsityConfig.from_pretrained(tmp_path).layer_sparsity == [0.4, 0.6]
