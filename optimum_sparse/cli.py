@@ -415,7 +415,7 @@ def _check_memory(args: argparse.Namespace, config: SparsityConfig) -> None:
         raise ValueError(
             f"this run needs about {need['total'] / 2**30:.2f} GiB (weights {need['weights'] / 2**30:.2f}, "
             f"masks {need['masks'] / 2**30:.2f}, activations {need['activations'] / 2**30:.2f}, "
-            f"solver {need['solver'] / 2**30:.2f}), more than "
+            f"solver {need['solver'] / 2**30:.2f}, reconstruction {need['reconstruction'] / 2**30:.2f}), more than "
             f"--max-memory {args.max_memory}: {advice or 'raise --max-memory'}"
         )
 

@@ -248,7 +248,10 @@ def estimate_peak_bytes(source: str, config: SparsityConfig, low_memory: bool) -
     (twice that with block reconstruction's dense stream), in the checkpoint's dtype; solver: the
     larger of the statistics pass (float64 Hessian sums of a block's four input groups) and the solve
     (float32 copies of the largest layer, its Hessian and the factorisation, float64 up to
-    FLOAT64_MAX_FEATURES inputs). An estimate, checked before any work, not a measurement.
+    FLOAT64_MAX_FEATURES inputs); reconstruction (block reconstruction, after the solve): float32
+    weights, gradients, Adam's two moments, the best epoch's copy and the keep-masks of one block (24
+    bytes per weight), float32 copies of both streams of windows for half-precision checkpoints, and one
+    window's autograd activations. An estimate, checked before any work, not a measurement.
     """
     from transformers import AutoConfig
 
@@ -289,10 +292,17 @@ def estimate_peak_bytes(source: str, config: SparsityConfig, low_memory: bool) -
     weights = outside + one_block if low_memory else total
     block_weights = sum(sizes[n][0] for n in block_names if n in matrices)
     masks = block_weights * (1 if low_memory else layers)
+    reconstruction = 0
+    if config.reconstruction:  # after the solve, so the larger of the two counts
+        copies = 0 if width >= 4 else 2 * config.num_samples * config.seq_len * hidden * 4  # float32 windows
+        heads = int(getattr(text, "num_attention_heads", 1) or 1)
+        window = config.seq_len * (12 * hidden + 4 * inter) * 4 + heads * config.seq_len**2 * 4
+        reconstruction = 24 * block_weights + copies + window
     return {
         "weights": weights,
         "masks": masks,
         "activations": activations,
         "solver": solver,
-        "total": weights + masks + activations + solver,
+        "reconstruction": reconstruction,
+        "total": weights + masks + activations + max(solver, reconstruction),
     }

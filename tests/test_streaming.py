@@ -142,3 +142,18 @@ def test_a_bfloat16_checkpoint_streams_in_float32_when_asked_and_tied_heads_are_
     assert {t.dtype for t in saved.values()} == {torch.float32}
     assert "lm_head.weight" not in saved  # tied to the embeddings, as the source stored it
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").lm_head.weight.abs().sum() > 0
+
+
+def test_the_memory_estimate_counts_block_reconstruction_after_the_solve(sharded_llama):
+    from optimum_sparse import SparsityConfig
+    from optimum_sparse.streaming import estimate_peak_bytes
+
+    plain = estimate_peak_bytes(sharded_llama, SparsityConfig(method="wanda", num_samples=4, seq_len=32), True)
+    config = SparsityConfig(method="wanda", num_samples=4, seq_len=32, reconstruction="block")
+    rebuilt = estimate_peak_bytes(sharded_llama, config, True)
+    assert plain["reconstruction"] == 0
+    assert rebuilt["activations"] == 2 * plain["activations"]  # the dense stream beside the pruned one
+    block_weights = plain["masks"]  # low memory: a byte per weight of one block
+    assert rebuilt["reconstruction"] > 24 * block_weights  # float32 weights, grads, Adam moments, best copy, mask
+    expected = rebuilt["weights"] + rebuilt["masks"] + rebuilt["activations"]
+    assert rebuilt["total"] == expected + max(rebuilt["solver"], rebuilt["reconstruction"])
