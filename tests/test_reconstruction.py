@@ -127,3 +127,18 @@ def test_the_run_summary_adds_up_the_block_reports(windows):
     assert summary["seconds"] == pytest.approx(sum(r.seconds for r in reports)) and summary["seconds"] > 0
     assert summary["heldout_error_after"] == pytest.approx(sum(r.heldout_after for r in reports) / 2)
     assert summarize_reports({}) == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_reconstruction_keeps_the_masks_and_matches_the_cpu_fit(windows):
+    """The fit runs where the block is pruned; CPU and CUDA arithmetic differ in the last bits only."""
+    settings = dict(method="wanda", sparsity=0.6, reconstruction="block", reconstruction_holdout=0.25)
+    cpu_model, gpu_model = build_model("llama"), build_model("llama").cuda()
+    cpu = prune(cpu_model, SparsityConfig(device="cpu", **settings), windows, show_progress=False)
+    gpu = prune(gpu_model, SparsityConfig(device="cuda", **settings), windows, show_progress=False)
+    assert set(gpu.masks) == set(cpu.masks) and len(gpu.reconstruction) == 2
+    for name, mask in gpu.masks.items():
+        weight = get_weight(gpu_model.get_submodule(name))
+        assert weight.device.type == "cuda" and bool((weight[~mask.to(weight.device)] == 0).all())
+    for index, report in gpu.reconstruction.items():
+        assert report.train_after == pytest.approx(cpu.reconstruction[index].train_after, rel=0.05)
