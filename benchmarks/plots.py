@@ -1,6 +1,6 @@
 """Draw the pictures of docs/ from numbers already measured (docs/data/*.json), without re-running anything.
 
-    python benchmarks/plots.py                 # docs/images/{ppl_vs_sparsity,layer_sparsity,channels_per_block,quality_matrix}.png
+    python benchmarks/plots.py                 # every picture below, as docs/images/NAME.png
     python benchmarks/plots.py --only ppl_vs_sparsity
 
 - ppl_vs_sparsity: the perplexity tables of docs/benchmarks.md (each row of the data file names its table);

@@ -93,19 +93,21 @@ def prune(
     Returns:
         `PruningResult` with the masks and per-layer sparsity.
     """
-    run = BlockRun(model, config, calibration, fixed_masks, resume_dir, block_source)  # checks before any work
+    run = BlockRun(  # every check, before any work
+        model, config, calibration, fixed_masks=fixed_masks, resume_dir=resume_dir, block_source=block_source
+    )
     was_training = model.training
     model.eval()
     try:
         run.prepare(tokenizer)
-        blocks = tqdm(
+        indices = tqdm(
             range(run.done, len(run.blocks)),
             desc=f"Pruning ({config.describe()})",
             disable=not show_progress,
             initial=run.done,
             total=len(run.blocks),
         )
-        for index in blocks:
+        for index in indices:
             run.prune_block(index)
             if on_block_done:
                 on_block_done(index)
@@ -128,6 +130,7 @@ class BlockRun:
         model: nn.Module,
         config: SparsityConfig,
         calibration: CalibrationSource | BlockInputs = None,
+        *,
         fixed_masks: dict[str, torch.Tensor] | None = None,
         resume_dir: str | os.PathLike | None = None,
         block_source: BlockSource | None = None,
@@ -171,10 +174,14 @@ class BlockRun:
         self.result = PruningResult()
         self.inputs: BlockInputs | None = None
         self.dense: DenseStream | None = None
+        self.prepared = False
 
     def prepare(self, tokenizer=None) -> None:
         """The calibration activations at block 0, OWL's budgets, the dense stream for reconstruction,
-        and what a resumed run had recorded."""
+        and what a resumed run had recorded. Once per run: a second call would capture and restore again."""
+        if self.prepared:
+            raise RuntimeError("BlockRun.prepare() runs once per run; make a new BlockRun to prune again")
+        self.prepared = True
         config = self.config
         if isinstance(self.calibration, BlockInputs) and self.needs_data:
             self.inputs = self.calibration
@@ -195,6 +202,8 @@ class BlockRun:
 
     def prune_block(self, index: int) -> None:
         """Calibrate, prune (or refit), reconstruct and record block `index`; its outputs feed the next."""
+        if not self.prepared:  # without it OWL budgets and reconstruction would be skipped silently
+            raise RuntimeError("call BlockRun.prepare() before prune_block()")
         block, layers, result = self.blocks[index], self.per_block[index], self.result
         if self.block_source is not None:
             self.block_source.load(index)

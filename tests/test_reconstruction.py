@@ -130,15 +130,18 @@ def test_the_run_summary_adds_up_the_block_reports(windows):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_reconstruction_keeps_the_masks_and_matches_the_cpu_fit(windows):
-    """The fit runs where the block is pruned; CPU and CUDA arithmetic differ in the last bits only."""
+def test_on_cuda_reconstruction_keeps_the_masks_and_brings_each_block_home(windows):
+    """A model on the CPU pruned with device="cuda": each block is fitted on the GPU and moved back."""
     settings = dict(method="wanda", sparsity=0.6, reconstruction="block", reconstruction_holdout=0.25)
-    cpu_model, gpu_model = build_model("llama"), build_model("llama").cuda()
+    cpu_model, gpu_model = build_model("llama"), build_model("llama")
     cpu = prune(cpu_model, SparsityConfig(device="cpu", **settings), windows, show_progress=False)
     gpu = prune(gpu_model, SparsityConfig(device="cuda", **settings), windows, show_progress=False)
-    assert set(gpu.masks) == set(cpu.masks) and len(gpu.reconstruction) == 2
+    first = [name for name in cpu.masks if ".layers.0." in name]  # same inputs: Wanda picks the same masks
+    assert all(torch.equal(gpu.masks[name], cpu.masks[name]) for name in first)
     for name, mask in gpu.masks.items():
         weight = get_weight(gpu_model.get_submodule(name))
-        assert weight.device.type == "cuda" and bool((weight[~mask.to(weight.device)] == 0).all())
+        assert weight.device.type == "cpu" and bool((weight[~mask] == 0).all())
     for index, report in gpu.reconstruction.items():
+        assert report.heldout_after <= report.heldout_before
+        # float32 on both devices; the kernels' summation orders differ, so the fits agree only closely
         assert report.train_after == pytest.approx(cpu.reconstruction[index].train_after, rel=0.05)
