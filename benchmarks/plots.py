@@ -1,12 +1,13 @@
 """Draw the pictures of docs/ from numbers already measured (docs/data/*.json), without re-running anything.
 
-    python benchmarks/plots.py                 # docs/images/{ppl_vs_sparsity,layer_sparsity,channels_per_block}.png
+    python benchmarks/plots.py                 # every picture below, as docs/images/NAME.png
     python benchmarks/plots.py --only ppl_vs_sparsity
 
 - ppl_vs_sparsity: the perplexity tables of docs/benchmarks.md (each row of the data file names its table);
 - layer_sparsity: the `optimum-sparse report DIR --json` record of a real pruned SmolLM2 (its command is
   in the data file);
-- channels_per_block: the `sliced_units` of the channel-sliced SmolLM2 of docs/deploy.md (its config.json).
+- channels_per_block: the `sliced_units` of the channel-sliced SmolLM2 of docs/deploy.md (its config.json);
+- quality_matrix: the cells of docs/quality.md's matrix (benchmarks/quality_matrix.py keeps the data file).
 
 A new measurement goes into the data file first, so that the picture and the table it comes from agree.
 """
@@ -44,10 +45,18 @@ def draw_channels_per_block(target: str) -> str:
     return plots.channels_per_block_plot(data, target, title="SmolLM2-135M, 50% of channels removed: kept per block")
 
 
+def draw_quality_matrix(target: str) -> str:
+    data = _load("quality_matrix")
+    records = [{"method": c["row"], "sparsity": c["sparsity"], "ppl": c["ppl"]} for c in data["cells"]]
+    title = "SmolLM2-135M: ADMM / SparseLLM x OWL budgets x block reconstruction"
+    return plots.ppl_vs_sparsity_plot(records, target, dense_ppl=data["dense_ppl"], title=title)
+
+
 PICTURES: dict[str, Callable[[str], str]] = {
     "ppl_vs_sparsity": draw_ppl_vs_sparsity,
     "layer_sparsity": draw_layer_sparsity,
     "channels_per_block": draw_channels_per_block,
+    "quality_matrix": draw_quality_matrix,
 }
 
 

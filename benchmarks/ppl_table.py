@@ -88,6 +88,22 @@ def ood_scores(model: list[str], texts: dict[str, str], seq_len: int, windows: i
     return scores
 
 
+def dense_ood_scores(directory: str, model: list[str], texts: dict[str, str], seq_len: int, windows: int) -> dict:
+    """The dense model's out-of-domain perplexities, kept in `directory` so that later calls reuse them
+    (they take about 5 minutes and depend only on the model, the texts and the windows)."""
+    key = json.dumps({"model": model, "texts": sorted(texts), "seq_len": seq_len, "windows": windows}, sort_keys=True)
+    path = os.path.join(directory, "dense_scores.json")
+    cache = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            cache = json.load(handle)
+    if key not in cache:
+        cache[key] = ood_scores(model, texts, seq_len, windows)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(cache, handle, indent=1)
+    return cache[key]
+
+
 def plot_rows(results: list[dict], path: str, model: str | None) -> str:
     """Perplexity against sparsity of the rows that measured one (dense as the reference line)."""
     from optimum_sparse.plots import ppl_vs_sparsity_plot
@@ -161,7 +177,7 @@ def main() -> None:
     if not args.no_dense:
         record = run_cli(["eval", *model, *evaluation])
         if texts:
-            record["ood"] = ood_scores(model, texts, args.eval_seq_len, args.ood_windows)
+            record["ood"] = dense_ood_scores(args.ood, model, texts, args.eval_seq_len, args.ood_windows)
         results.append({"row": "dense", "sparsity": "dense", **record})
         print(f"dense: {record}", file=sys.stderr, flush=True)
     scratch = tempfile.mkdtemp(prefix="ppl_table-")

@@ -412,10 +412,12 @@ def _check_memory(args: argparse.Namespace, config: SparsityConfig) -> None:
         advice = "add --low-memory (one block in memory at a time)" if not args.low_memory else ""
         if need["activations"] > need["weights"]:
             advice = "lower --num-samples or --seq-len (the calibration activations dominate)"
+        elif need["reconstruction"] > max(need["weights"], need["solver"]):
+            advice = "lower --seq-len or leave out --reconstruct (block reconstruction's fit dominates)"
         raise ValueError(
             f"this run needs about {need['total'] / 2**30:.2f} GiB (weights {need['weights'] / 2**30:.2f}, "
             f"masks {need['masks'] / 2**30:.2f}, activations {need['activations'] / 2**30:.2f}, "
-            f"solver {need['solver'] / 2**30:.2f}), more than "
+            f"solver {need['solver'] / 2**30:.2f}, reconstruction {need['reconstruction'] / 2**30:.2f}), more than "
             f"--max-memory {args.max_memory}: {advice or 'raise --max-memory'}"
         )
 

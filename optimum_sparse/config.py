@@ -236,6 +236,8 @@ class SparsityConfig:
                         ) from err
             elif isinstance(budgets, (list, tuple)):
                 values = list(budgets)
+                if not values:
+                    raise ValueError("layer_sparsity is an empty list: give one sparsity per block, or leave it out")
             else:
                 raise TypeError(
                     f"layer_sparsity must be a list (one sparsity per block) or a {{regex: sparsity}} dict, got {budgets!r}"

@@ -122,7 +122,8 @@ def reconstruct_block(
             score = error_on(heldout) if heldout else error_on(train)
             if score < best_score:
                 best_score, best_epoch, stale = score, epoch, 0
-                best = {name: w.detach().clone() for name, w in weights.items()}
+                for name, w in weights.items():  # in place: one copy of the block's weights, never two
+                    best[name].copy_(w.detach())
             else:
                 stale += 1
                 if stale >= config.reconstruction_patience:

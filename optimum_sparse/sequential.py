@@ -36,7 +36,7 @@ from optimum_sparse.solvers import Solver, get_solver_class
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PruningResult", "prune", "resolve_device"]
+__all__ = ["BlockRun", "PruningResult", "prune", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,102 +93,156 @@ def prune(
     Returns:
         `PruningResult` with the masks and per-layer sparsity.
     """
-    start = time.perf_counter()
-    per_block = find_prunable_layers(model, config)  # validates targets / N:M before any work
-    if resume_dir is not None and block_source is not None:
-        raise ValueError("resume_dir works on a model in memory; pruning from disk cannot resume yet")
-    resume = ResumeLog(resume_dir, config, model, calibration) if resume_dir is not None else None
-    done = resume.finished_blocks() if resume is not None else 0  # a different run is refused here
-    solver = get_solver_class(config.method)(config)
-    budgets = None  # {layer: sparsity} under layer budgets; explicit ones are checked before any work
-    if config.layer_sparsity is not None and fixed_masks is None:
-        budgets = check_one_budget_per_block(solver, explicit_budgets(config, per_block), per_block)
-    owl = config.sparsity_profile == "owl" and fixed_masks is None
-    if is_distributed():
-        check_distributable(config, resume_dir, block_source is not None)
-    blocks_name, blocks = find_blocks(model)
-    solver.check_model(model)
-    refit = get_solver_class(config.weight_update)(config) if config.weight_update else None
-    reconstructing = config.reconstruction == "block"
-    needs_data = solver.requires_calibration or refit is not None or fixed_masks is not None or owl or reconstructing
-    with_hessian = (
-        solver.requires_hessian
-        or refit is not None
-        or (fixed_masks is not None and getattr(solver, "requires_hessian", False))
+    run = BlockRun(  # every check, before any work
+        model, config, calibration, fixed_masks=fixed_masks, resume_dir=resume_dir, block_source=block_source
     )
-    device = resolve_device(config.device)
-    model_config = getattr(model, "config", None)
-    result = PruningResult()
-    desc = f"Pruning ({config.describe()})"
     was_training = model.training
     model.eval()
     try:
-        inputs: BlockInputs | None = None
-        if isinstance(calibration, BlockInputs) and needs_data:
-            inputs = calibration
-        elif needs_data:
+        run.prepare(tokenizer)
+        indices = tqdm(
+            range(run.done, len(run.blocks)),
+            desc=f"Pruning ({config.describe()})",
+            disable=not show_progress,
+            initial=run.done,
+            total=len(run.blocks),
+        )
+        for index in indices:
+            run.prune_block(index)
+            if on_block_done:
+                on_block_done(index)
+        return run.result
+    finally:
+        run.result.seconds = time.perf_counter() - run.start
+        model.train(was_training)
+
+
+class BlockRun:
+    """One pruning run, block by block: what the run needs is set up (and checked) once, then each block
+    is calibrated, pruned, optionally reconstructed, recorded and its outputs fed forward.
+
+    The constructor only checks and plans: a wrong budget, a run that cannot be distributed, or a
+    resume directory of another run is refused before any calibration pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SparsityConfig,
+        calibration: CalibrationSource | BlockInputs = None,
+        *,
+        fixed_masks: dict[str, torch.Tensor] | None = None,
+        resume_dir: str | os.PathLike | None = None,
+        block_source: BlockSource | None = None,
+    ):
+        self.start = time.perf_counter()
+        self.model, self.config, self.calibration = model, config, calibration
+        self.fixed_masks, self.block_source = fixed_masks, block_source
+        self.per_block = find_prunable_layers(model, config)  # validates targets / N:M before any work
+        if resume_dir is not None and block_source is not None:
+            raise ValueError("resume_dir works on a model in memory; pruning from disk cannot resume yet")
+        self.resume = ResumeLog(resume_dir, config, model, calibration) if resume_dir is not None else None
+        #: blocks a previous run of this resume directory finished (another run's directory is refused here)
+        self.done = self.resume.finished_blocks() if self.resume is not None else 0
+        self.solver = get_solver_class(config.method)(config)
+        #: {layer: sparsity} under layer budgets; explicit ones are checked here, OWL's once data flows
+        self.budgets: dict[str, float] | None = None
+        if config.layer_sparsity is not None and fixed_masks is None:
+            self.budgets = check_one_budget_per_block(
+                self.solver, explicit_budgets(config, self.per_block), self.per_block
+            )
+        self.owl = config.sparsity_profile == "owl" and fixed_masks is None
+        if is_distributed():
+            check_distributable(config, resume_dir, block_source is not None)
+        self.blocks_name, self.blocks = find_blocks(model)
+        self.solver.check_model(model)
+        self.refit = get_solver_class(config.weight_update)(config) if config.weight_update else None
+        self.reconstructing = config.reconstruction == "block"
+        self.needs_data = (
+            self.solver.requires_calibration
+            or self.refit is not None
+            or fixed_masks is not None
+            or self.owl
+            or self.reconstructing
+        )
+        self.with_hessian = (
+            self.solver.requires_hessian
+            or self.refit is not None
+            or (fixed_masks is not None and getattr(self.solver, "requires_hessian", False))
+        )
+        self.device = resolve_device(config.device)
+        self.result = PruningResult()
+        self.inputs: BlockInputs | None = None
+        self.dense: DenseStream | None = None
+        self.prepared = False
+
+    def prepare(self, tokenizer=None) -> None:
+        """The calibration activations at block 0, OWL's budgets, the dense stream for reconstruction,
+        and what a resumed run had recorded. Once per run: a second call would capture and restore again."""
+        if self.prepared:
+            raise RuntimeError("BlockRun.prepare() runs once per run; make a new BlockRun to prune again")
+        self.prepared = True
+        config = self.config
+        if isinstance(self.calibration, BlockInputs) and self.needs_data:
+            self.inputs = self.calibration
+        elif self.needs_data:
             windows = get_calibration_data(
-                calibration, tokenizer, model, config.num_samples, config.seq_len, config.seed
+                self.calibration, tokenizer, self.model, config.num_samples, config.seq_len, config.seed
             )
             logger.info("calibrating on %d windows x %d tokens", windows.shape[0], windows.shape[1])
             windows = shard(windows)  # distributed: this rank's share; the statistics are summed over ranks
-            inputs = capture_block_inputs(model, blocks, windows, device, block_source)
-        if owl:
-            budgets = check_one_budget_per_block(
-                solver, owl_budgets(config, blocks, per_block, inputs, device, block_source), per_block
-            )
-        result.budgets = budgets or {}
-        dense = DenseStream(inputs) if reconstructing else None
-        earlier_seconds = resume.restore(done, blocks, inputs, result, dense) if done else 0.0
-        start -= earlier_seconds
-        for index in tqdm(
-            range(done, len(blocks)), desc=desc, disable=not show_progress, initial=done, total=len(blocks)
-        ):
-            block = blocks[index]
-            if block_source is not None:
-                block_source.load(index)
-            home = next(block.parameters()).device
-            if inputs is not None:  # without calibration (magnitude) weights are copied layer by layer
-                block.to(device)
-                inputs.use_block(index)
-            context = BlockContext(
-                block,
-                index,
-                per_block[index],
-                inputs,
-                device,
-                with_hessian,
-                result,
-                refit,
-                model_config,
-                name=f"{blocks_name}.{index}",
-                fixed_masks=fixed_masks,
-                layer_sparsity=budgets,
-            )
-            block_solver = _solver_for_block(solver, budgets, per_block[index])
-            targets = dense.targets(block) if dense is not None and per_block[index] else None
-            if fixed_masks is not None:
-                block_solver.refit_block(context)
-            elif (report := block_solver.prune_block(context)) is not None:
-                result.block_reports[index] = report
-            if targets is not None:
-                masked = [layer for layer in per_block[index] if layer.name in result.masks]
-                result.reconstruction[index] = dense.reconstruct(block, masked, result.masks, targets, config)
-            if inputs is not None:
-                with torch.no_grad():
-                    inputs.hidden = inputs.run_windows(block)
-                if dense is not None:
-                    dense.advance(targets if targets is not None else dense.targets(block))
-                block.to(home)
-            if block_source is not None:
-                block_source.finish(index)
-                result.drop_masks([layer.name for layer in per_block[index]])  # its zeros are written
-            if resume is not None:
-                result.seconds = time.perf_counter() - start
-                resume.record(index, block, [layer.name for layer in per_block[index]], inputs, result, dense)
-            if on_block_done:
-                on_block_done(index)
-        return result
-    finally:
-        result.seconds = time.perf_counter() - start
-        model.train(was_training)
+            self.inputs = capture_block_inputs(self.model, self.blocks, windows, self.device, self.block_source)
+        if self.owl:
+            owl = owl_budgets(config, self.blocks, self.per_block, self.inputs, self.device, self.block_source)
+            self.budgets = check_one_budget_per_block(self.solver, owl, self.per_block)
+        self.result.budgets = self.budgets or {}
+        self.dense = DenseStream(self.inputs) if self.reconstructing else None
+        if self.done:
+            self.start -= self.resume.restore(self.done, self.blocks, self.inputs, self.result, self.dense)
+
+    def prune_block(self, index: int) -> None:
+        """Calibrate, prune (or refit), reconstruct and record block `index`; its outputs feed the next."""
+        if not self.prepared:  # without it OWL budgets and reconstruction would be skipped silently
+            raise RuntimeError("call BlockRun.prepare() before prune_block()")
+        block, layers, result = self.blocks[index], self.per_block[index], self.result
+        if self.block_source is not None:
+            self.block_source.load(index)
+        home = next(block.parameters()).device
+        if self.inputs is not None:  # without calibration (magnitude) weights are copied layer by layer
+            block.to(self.device)
+            self.inputs.use_block(index)
+        context = BlockContext(
+            block,
+            index,
+            layers,
+            self.inputs,
+            self.device,
+            self.with_hessian,
+            result,
+            self.refit,
+            getattr(self.model, "config", None),
+            name=f"{self.blocks_name}.{index}",
+            fixed_masks=self.fixed_masks,
+            layer_sparsity=self.budgets,
+        )
+        solver = _solver_for_block(self.solver, self.budgets, layers)
+        targets = self.dense.targets(block) if self.dense is not None and layers else None
+        if self.fixed_masks is not None:
+            solver.refit_block(context)
+        elif (report := solver.prune_block(context)) is not None:
+            result.block_reports[index] = report
+        if targets is not None:
+            masked = [layer for layer in layers if layer.name in result.masks]
+            result.reconstruction[index] = self.dense.reconstruct(block, masked, result.masks, targets, self.config)
+        if self.inputs is not None:
+            with torch.no_grad():
+                self.inputs.hidden = self.inputs.run_windows(block)
+            if self.dense is not None:
+                self.dense.advance(targets if targets is not None else self.dense.targets(block))
+            block.to(home)
+        if self.block_source is not None:
+            self.block_source.finish(index)
+            result.drop_masks([layer.name for layer in layers])  # its zeros are written
+        if self.resume is not None:
+            result.seconds = time.perf_counter() - self.start
+            self.resume.record(index, block, [layer.name for layer in layers], self.inputs, result, self.dense)

@@ -248,7 +248,13 @@ def estimate_peak_bytes(source: str, config: SparsityConfig, low_memory: bool) -
     (twice that with block reconstruction's dense stream), in the checkpoint's dtype; solver: the
     larger of the statistics pass (float64 Hessian sums of a block's four input groups) and the solve
     (float32 copies of the largest layer, its Hessian and the factorisation, float64 up to
-    FLOAT64_MAX_FEATURES inputs). An estimate, checked before any work, not a measurement.
+    FLOAT64_MAX_FEATURES inputs); reconstruction (block reconstruction, after the solve): for one
+    block's weights the float32 gradients, Adam's two moments, the best epoch's copy, the keep-masks,
+    the widening of half-precision weights to float32 and the optimiser step's temporaries (24 bytes a
+    weight for float32 checkpoints, 26 for half precision); float32 copies of the fit's inputs and the
+    dense targets when the activations are half precision; and one window's saved tensors (with eager
+    attention's probabilities and their gradients). An estimate, checked before any work, not a
+    measurement.
     """
     from transformers import AutoConfig
 
@@ -289,10 +295,23 @@ def estimate_peak_bytes(source: str, config: SparsityConfig, low_memory: bool) -
     weights = outside + one_block if low_memory else total
     block_weights = sum(sizes[n][0] for n in block_names if n in matrices)
     masks = block_weights * (1 if low_memory else layers)
+    reconstruction = 0
+    if config.reconstruction:  # after the solve, so the larger of the two counts
+        block_width = max((sizes[n][1] for n in block_names if n in matrices), default=4)
+        # gradients, Adam's two moments, the best epoch's copy and the keep-masks (float32: 20 bytes a
+        # weight), the block's own weights widened to float32, and the optimiser step's temporaries
+        fit = (20 + (4 - block_width) + 4) * block_weights
+        # the fit's inputs and the dense targets as float32 copies, when the activations are narrower
+        copies = 0 if width >= 4 else 2 * config.num_samples * config.seq_len * hidden * 4
+        heads = int(getattr(text, "num_attention_heads", 1) or 1)
+        # one window's saved tensors, and eager attention's probabilities with their two gradients
+        window = config.seq_len * (12 * hidden + 4 * inter) * 4 + 3 * heads * config.seq_len**2 * 4
+        reconstruction = fit + copies + window
     return {
         "weights": weights,
         "masks": masks,
         "activations": activations,
         "solver": solver,
-        "total": weights + masks + activations + solver,
+        "reconstruction": reconstruction,
+        "total": weights + masks + activations + max(solver, reconstruction),
     }

@@ -136,3 +136,8 @@ def test_per_block_budgets_in_a_file_without_measured_layer_sparsity_are_kept(tm
     edited = {"method": "wanda", "sparsity": 0.5, "measured_sparsity": 0.5, "layer_sparsity": [0.4, 0.6]}
     (tmp_path / "sparsity_config.json").write_text(json.dumps(edited))  # old files never held a list there
     assert SparsityConfig.from_pretrained(tmp_path).layer_sparsity == [0.4, 0.6]
+
+
+def test_an_empty_budget_list_is_refused():
+    with pytest.raises(ValueError, match="layer_sparsity is an empty list"):
+        SparsityConfig(method="wanda", layer_sparsity=[])

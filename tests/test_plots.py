@@ -204,7 +204,7 @@ def test_report_bad_input_exits_2_before_loading(pruned_dir, tmp_path, capsys, t
 
 
 def test_docs_pictures_draw_from_the_committed_data(tmp_path):
-    """benchmarks/plots.py turns docs/data/*.json into the three docs images (small enough for the repo)."""
+    """benchmarks/plots.py turns docs/data/*.json into the docs images (small enough for the repo)."""
     import importlib.util
     from pathlib import Path
 

@@ -300,3 +300,17 @@ def test_on_cuda_activations_stay_on_the_cpu_and_outputs_come_back(windows):
         torch.testing.assert_close(mine, theirs.cpu())
     result = prune(build_model("llama").cuda(), SparsityConfig(method="sparsegpt", device="cuda"), windows)
     assert result.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_block_run_must_be_prepared_once_before_its_blocks(windows):
+    from optimum_sparse.sequential import BlockRun
+
+    config = SparsityConfig(method="magnitude", reconstruction="block", device="cpu")
+    run = BlockRun(build_model("llama"), config, windows)
+    with pytest.raises(RuntimeError, match="prepare"):
+        run.prune_block(0)  # would prune without the reconstruction the config asks for
+    run.prepare()
+    run.prune_block(0)
+    assert 0 in run.result.reconstruction
+    with pytest.raises(RuntimeError, match="once per run"):
+        run.prepare()

@@ -142,3 +142,27 @@ def test_a_bfloat16_checkpoint_streams_in_float32_when_asked_and_tied_heads_are_
     assert {t.dtype for t in saved.values()} == {torch.float32}
     assert "lm_head.weight" not in saved  # tied to the embeddings, as the source stored it
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").lm_head.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype, per_weight, copies", [(torch.float32, 24, 0), (torch.bfloat16, 26, 2)])
+def test_the_memory_estimate_counts_block_reconstruction_after_the_solve(dtype, per_weight, copies, tmp_path):
+    from optimum_sparse import SparsityConfig
+    from optimum_sparse.streaming import estimate_peak_bytes
+
+    source = tmp_path / "model"
+    build_model("llama", num_hidden_layers=3).to(dtype).save_pretrained(source, max_shard_size="20KB")
+    build_tokenizer().save_pretrained(source)
+    plain = estimate_peak_bytes(os.fspath(source), SparsityConfig(method="wanda", num_samples=4, seq_len=32), True)
+    config = SparsityConfig(method="wanda", num_samples=4, seq_len=32, reconstruction="block")
+    rebuilt = estimate_peak_bytes(os.fspath(source), config, True)
+    assert plain["reconstruction"] == 0
+    assert rebuilt["activations"] == 2 * plain["activations"]  # the dense stream beside the pruned one
+    model = build_model("llama", num_hidden_layers=3)
+    block_weights = sum(m.weight.numel() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    hidden, inter, heads, tokens = 32, model.config.intermediate_size, model.config.num_attention_heads, 32
+    window = tokens * (12 * hidden + 4 * inter) * 4 + 3 * heads * tokens**2 * 4
+    float32_windows = copies * 4 * tokens * hidden * 4  # fit inputs and dense targets, 4 windows of 32 tokens
+    assert rebuilt["reconstruction"] == per_weight * block_weights + float32_windows + window
+    assert rebuilt["total"] == rebuilt["weights"] + rebuilt["masks"] + rebuilt["activations"] + max(
+        rebuilt["solver"], rebuilt["reconstruction"]
+    )
