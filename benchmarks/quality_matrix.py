@@ -139,18 +139,15 @@ def contributions(cells: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def ppl_table_args(row: str, sparsity: str) -> list[str]:
+    """ppl_table.py's arguments for one cell: what is run and what the data file shows as its command."""
+    return ["--rows", row, "--sparsities", sparsity, "--no-dense"]
+
+
 def run_cell(key: str, threads: int) -> dict[str, Any]:
     """One cell through ppl_table.py (same protocol, own process), on `threads` threads."""
     row, sparsity = key.split("@")
-    command = [
-        sys.executable,
-        os.path.join(HERE, "ppl_table.py"),
-        "--rows",
-        row,
-        "--sparsities",
-        sparsity,
-        "--no-dense",
-    ]
+    command = [sys.executable, os.path.join(HERE, "ppl_table.py"), *ppl_table_args(row, sparsity)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     load_before = os.getloadavg()[0]
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -159,7 +156,7 @@ def run_cell(key: str, threads: int) -> dict[str, Any]:
     record = json.loads(proc.stdout.strip().splitlines()[-1])["results"][0]
     if "error" in record:
         raise RuntimeError(f"{key}: {record['error']}")
-    shown = f"OMP_NUM_THREADS={threads} python benchmarks/ppl_table.py --rows {row} --sparsities {sparsity} --no-dense"
+    shown = f"OMP_NUM_THREADS={threads} python benchmarks/ppl_table.py {' '.join(ppl_table_args(row, sparsity))}"
     return {**record, "threads": threads, "load_average_start": round(load_before, 2), "command": shown}
 
 
@@ -174,9 +171,7 @@ def import_outputs(paths: list[str], conditions: str) -> list[dict[str, Any]]:
         for record in json.loads(lines[-1])["results"]:
             if "error" in record or "ppl" not in record:
                 raise ValueError(f"{path}: row {record.get('row')} has no perplexity ({record.get('error')})")
-            command = (
-                f"python benchmarks/ppl_table.py --rows {record['row']} --sparsities {record['sparsity']} --no-dense"
-            )
+            command = f"python benchmarks/ppl_table.py {' '.join(ppl_table_args(record['row'], record['sparsity']))}"
             cells.append({**record, "conditions": conditions, "command": command})
     return cells
 

@@ -144,11 +144,12 @@ def test_cli_prune_card_carries_the_command_and_the_measured_perplexity(saved_ll
 
 
 @pytest.mark.parametrize("compact", [False, True])
-def test_card_is_written_for_both_formats(compact, tmp_path):
+def test_card_is_written_for_both_formats_and_names_the_library_that_loads_each(compact, tmp_path):
     sparse = _pruned()
     sparse.save_pretrained(tmp_path / "ckpt", compact=compact)
     card = ModelCard.load(tmp_path / "ckpt" / "README.md")
     assert ("plain `transformers` cannot read it" in card.text) == compact
+    assert card.data.library_name == ("optimum-sparse" if compact else "transformers")
     assert str(card) == str(sparse.model_card(compact=compact))
 
 
@@ -156,7 +157,7 @@ def test_card_and_title_name_per_block_budgets_not_the_default_sparsity_they_rep
     sparse = _pruned(layer_sparsity=[0.3, 0.7])  # two blocks, one budget each: `sparsity` applies to none
     text = _measured(sparse, tmp_path / "ckpt").text
     assert sparse.sparsity_config.describe() == "magnitude per-block budgets 30%-70%"
-    assert "| target sparsity | per-block budgets from 30% to 70% |" in text
+    assert "| target sparsity | per-block budgets 30%-70% |" in text
     assert "50%" not in text.split("## ")[0]  # the title and summary never claim the unused default
 
 

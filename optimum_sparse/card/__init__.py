@@ -108,11 +108,12 @@ def build_model_card(
     causal = class_name.endswith(("ForCausalLM", "LMHeadModel"))
     title = f"{base or class_name}: {config.describe()} with optimum-sparse"
     data = model_card_data(
-        config, base_model=base, causal=causal, fine_tuned=fine_tuned, metrics=metrics, model_name=title
+        config, base_model=base, causal=causal, fine_tuned=fine_tuned, metrics=metrics, model_name=title,
+        compact=compact,
     )
     amount = f"{config.pattern} ({config.sparsity:.0%})" if config.pattern else f"{config.sparsity:.0%}"
-    if isinstance(config.layer_sparsity, list):  # one budget per block: the default `sparsity` applies to none
-        amount = f"per-block budgets from {min(config.layer_sparsity):.0%} to {max(config.layer_sparsity):.0%}"
+    if (budget_range := config.block_budget_range()) is not None:  # `sparsity` applies to no block
+        amount = f"per-block budgets {budget_range}"
     elif config.layer_sparsity is not None:
         amount += f", budgets by module: {json.dumps(config.layer_sparsity)}"
     elif config.sparsity_profile:

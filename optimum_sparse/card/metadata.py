@@ -26,6 +26,8 @@ EVAL_SEQ_LEN = "eval_seq_len"
 EVAL_MAX_WINDOWS = "eval_max_windows"
 ZERO_SHOT = "zero_shot"
 ZERO_SHOT_DENSE = "zero_shot_dense"
+#: `library_name` of compact checkpoints: the library whose loader reads them
+COMPACT_LIBRARY = "optimum-sparse"
 EVALUATION_KEYS = (PERPLEXITY, PERPLEXITY_DENSE, EVAL_DATA, EVAL_SEQ_LEN, EVAL_MAX_WINDOWS, ZERO_SHOT, ZERO_SHOT_DENSE)
 
 #: one-shot pruning compresses the same model, as quantization does: the Hub lists it among the base
@@ -141,6 +143,7 @@ def model_card_data(
     fine_tuned: bool,
     metrics: Mapping[str, Any],
     model_name: str,
+    compact: bool = False,
 ) -> ModelCardData:
     """The card's `huggingface_hub.ModelCardData`.
 
@@ -151,6 +154,8 @@ def model_card_data(
         fine_tuned: trained after pruning (see `base_model_relation`).
         metrics: `SparseModel.metrics`; perplexity and zero-shot results go into `model-index`.
         model_name: the name `model-index` gives the model.
+        compact: a compact checkpoint (kept values + bitmasks), which plain transformers cannot read: the
+            Hub's loading snippet must then be this library's.
     """
     from huggingface_hub import ModelCardData
 
@@ -158,7 +163,7 @@ def model_card_data(
     extra = {"base_model_relation": base_model_relation(config, fine_tuned)} if base_model else {}
     return ModelCardData(
         base_model=base_model,
-        library_name="transformers",
+        library_name=COMPACT_LIBRARY if compact else "transformers",
         pipeline_tag="text-generation" if causal else None,
         tags=model_card_tags(config),
         model_name=model_name if results else None,
