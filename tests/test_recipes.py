@@ -16,7 +16,7 @@ def test_best_recipe_picks_the_settings_of_each_sparsity():
     half = SparsityConfig.recipe("best", 0.5)
     assert (half.method, half.sparsity, half.reconstruction) == ("admm", 0.5, "block")
     two_four = SparsityConfig.recipe("best", "2:4")
-    assert (two_four.method, two_four.pattern, two_four.nm) == ("admm", "2:4", (2, 4))
+    assert (two_four.method, two_four.pattern, two_four.nm, two_four.reconstruction) == ("sparsellm", "2:4", (2, 4), "block")
     assert two_four.sparsity_profile is None  # a layer profile cannot apply to N:M
     high = SparsityConfig.recipe("best", 0.7)
     assert (high.method, high.sparsity_profile, high.reconstruction) == ("sparsellm", "owl", "block")
@@ -60,7 +60,7 @@ def test_cli_recipe_then_explicit_flags_win():
     assert _config("--recipe", "best", "--sparsity", "2:4").pattern == "2:4"
     # the rule follows the sparsity the run will have, also when --set gives it
     assert _config("--recipe", "best", "--set", "sparsity=0.7").method == "sparsellm"
-    assert _config("--recipe", "best", "--set", "pattern=2:4").method == "admm"
+    assert _config("--recipe", "best", "--set", "pattern=2:4").method == "sparsellm"
     with pytest.raises(ValueError, match="unstructured or N:M"):
         _config("--recipe", "best", "--set", "pattern=channels")
 
