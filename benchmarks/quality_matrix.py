@@ -114,6 +114,10 @@ def markdown_table(cells: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _change(before: dict[str, Any], after: dict[str, Any]) -> str:
+    return f"{before['ppl']:.2f} -> {after['ppl']:.2f} ({after['ppl'] / before['ppl'] - 1:+.1%})"
+
+
 def contributions(cells: dict[str, dict[str, Any]]) -> list[str]:
     """What OWL, reconstruction and both did to each method's plain cell, where both cells are measured."""
     lines = []
@@ -132,8 +136,12 @@ def contributions(cells: dict[str, dict[str, Any]]) -> list[str]:
             for suffix, label in labels:
                 other = cells.get(cell_key(method + suffix, sparsity))
                 if other is not None:
-                    change = other["ppl"] / base["ppl"] - 1
-                    parts.append(f"{label} {base['ppl']:.2f} -> {other['ppl']:.2f} ({change:+.1%})")
+                    parts.append(f"{label} {_change(base, other)}")
+            # OWL alone and OWL after reconstruction differ (the second is where budgets pay): show both
+            reconstructed = cells.get(cell_key(method + "+recon", sparsity))
+            both = cells.get(cell_key(method + "+owl+recon", sparsity))
+            if reconstructed is not None and both is not None:
+                parts.append(f"OWL on top of reconstruction {_change(reconstructed, both)}")
             if parts:
                 lines.append(f"{method} {sparsity}: " + "; ".join(parts))
     return lines

@@ -49,6 +49,20 @@ def test_the_committed_data_prints_a_table_with_each_measured_cell(matrix):
     assert set(summary["missing"]).isdisjoint(matrix.by_key(data))
 
 
+def test_contributions_name_each_part_against_the_plain_cell_and_owl_against_reconstruction(matrix):
+    cells = {
+        "admm@0.7": {"ppl": 60.0},
+        "admm+owl@0.7": {"ppl": 57.0},
+        "admm+recon@0.7": {"ppl": 48.0},
+        "admm+owl+recon@0.7": {"ppl": 45.6},
+    }
+    (line,) = matrix.contributions(cells)
+    assert line == (
+        "admm 0.7: OWL 60.00 -> 57.00 (-5.0%); reconstruction 60.00 -> 48.00 (-20.0%); "
+        "both 60.00 -> 45.60 (-24.0%); OWL on top of reconstruction 48.00 -> 45.60 (-5.0%)"
+    )
+
+
 def _ppl_table_output(path: Path, rows: list[dict]) -> None:
     """What ppl_table.py prints: a markdown table, then its JSON summary as the last line."""
     path.write_text("| method | sparsity | ppl |\n" + json.dumps({"benchmark": "ppl_table", "results": rows}) + "\n")
