@@ -152,6 +152,11 @@ def ppl_table_args(row: str, sparsity: str) -> list[str]:
     return ["--rows", row, "--sparsities", sparsity, "--no-dense"]
 
 
+def shown_command(row: str, sparsity: str) -> str:
+    """The cell's command as the data file records it (run from the project root)."""
+    return f"python benchmarks/ppl_table.py {' '.join(ppl_table_args(row, sparsity))}"
+
+
 def run_cell(key: str, threads: int) -> dict[str, Any]:
     """One cell through ppl_table.py (same protocol, own process), on `threads` threads."""
     row, sparsity = key.split("@")
@@ -164,7 +169,7 @@ def run_cell(key: str, threads: int) -> dict[str, Any]:
     record = json.loads(proc.stdout.strip().splitlines()[-1])["results"][0]
     if "error" in record:
         raise RuntimeError(f"{key}: {record['error']}")
-    shown = f"OMP_NUM_THREADS={threads} python benchmarks/ppl_table.py {' '.join(ppl_table_args(row, sparsity))}"
+    shown = f"OMP_NUM_THREADS={threads} {shown_command(row, sparsity)}"
     return {**record, "threads": threads, "load_average_start": round(load_before, 2), "command": shown}
 
 
@@ -179,8 +184,7 @@ def import_outputs(paths: list[str], conditions: str) -> list[dict[str, Any]]:
         for record in json.loads(lines[-1])["results"]:
             if "error" in record or "ppl" not in record:
                 raise ValueError(f"{path}: row {record.get('row')} has no perplexity ({record.get('error')})")
-            command = f"python benchmarks/ppl_table.py {' '.join(ppl_table_args(record['row'], record['sparsity']))}"
-            cells.append({**record, "conditions": conditions, "command": command})
+            cells.append({**record, "conditions": conditions, "command": shown_command(record["row"], record["sparsity"])})
     return cells
 
 

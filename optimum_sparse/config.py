@@ -361,15 +361,13 @@ class SparsityConfig:
         """User ignores plus the modules that are never pruned (lm_head, embeddings)."""
         return list(DEFAULT_IGNORE) + list(self.ignore)
 
-    def block_budget_range(self) -> str | None:
-        """"30%-70%" when explicit budgets give every block its own sparsity (a list), else None.
-
-        One form for the log, the sparsity report and the model card, which all name the spread instead
-        of `sparsity` then (that default applies to no block).
-        """
+    def block_budgets_phrase(self) -> str | None:
+        """"per-block budgets 30%-70%" when explicit budgets give every block its own sparsity (a list),
+        else None: describe() (the log, the progress bar, the card's title) and the card's target row
+        then name the spread instead of `sparsity`, a default that applies to no block."""
         if not isinstance(self.layer_sparsity, list):
             return None
-        return f"{min(self.layer_sparsity):.0%}-{max(self.layer_sparsity):.0%}"
+        return f"per-block budgets {min(self.layer_sparsity):.0%}-{max(self.layer_sparsity):.0%}"
 
     def describe(self) -> str:
         """Short human form, e.g. "sparsegpt 2:4" or "wanda 50%"."""
@@ -378,8 +376,8 @@ class SparsityConfig:
             amount = f"{self.pattern} {amount}"
         if self.sparsity_profile:
             amount += f" {self.sparsity_profile}"
-        elif (budget_range := self.block_budget_range()) is not None:  # `sparsity` applies to no block
-            amount = f"per-block budgets {budget_range}"
+        elif (budgets := self.block_budgets_phrase()) is not None:
+            amount = budgets
         elif self.layer_sparsity is not None:
             amount += " (layer budgets)"
         if self.reconstruction:

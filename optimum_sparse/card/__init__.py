@@ -108,12 +108,11 @@ def build_model_card(
     causal = class_name.endswith(("ForCausalLM", "LMHeadModel"))
     title = f"{base or class_name}: {config.describe()} with optimum-sparse"
     data = model_card_data(
-        config, base_model=base, causal=causal, fine_tuned=fine_tuned, metrics=metrics, model_name=title,
-        compact=compact,
+        config, base_model=base, causal=causal, fine_tuned=fine_tuned, metrics=metrics, model_name=title, compact=compact
     )
     amount = f"{config.pattern} ({config.sparsity:.0%})" if config.pattern else f"{config.sparsity:.0%}"
-    if (budget_range := config.block_budget_range()) is not None:  # `sparsity` applies to no block
-        amount = f"per-block budgets {budget_range}"
+    if (budgets := config.block_budgets_phrase()) is not None:
+        amount = budgets
     elif config.layer_sparsity is not None:
         amount += f", budgets by module: {json.dumps(config.layer_sparsity)}"
     elif config.sparsity_profile:
