@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,12 @@ for _method in ("wanda", "admm", "sparsellm"):
     ROWS[f"{_method}+owl+recon"] = ["--method", _method, "--sparsity-profile", "owl", "--reconstruct", "block"]
 # the preset (optimum_sparse/recipes.py): what measured best at each sparsity
 ROWS["best"] = ["--recipe", "best"]
+
+
+def exit_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM as SystemExit: `subprocess.run` then kills the CLI child it waits on, so that stopping
+    a benchmark (or one cell of quality_matrix.py) leaves no prune running behind it."""
+    raise SystemExit(128 + signum)
 
 
 def run_cli(args: list[str]) -> dict:
@@ -118,6 +125,7 @@ def plot_rows(results: list[dict], path: str, model: str | None) -> str:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=["magnitude", "wanda", "sparsegpt"], choices=sorted(ROWS))
     parser.add_argument("--sparsities", nargs="+", default=["0.5", "2:4", "0.7"])
@@ -181,17 +189,19 @@ def main() -> None:
         results.append({"row": "dense", "sparsity": "dense", **record})
         print(f"dense: {record}", file=sys.stderr, flush=True)
     scratch = tempfile.mkdtemp(prefix="ppl_table-")
-    for row in args.rows:
-        for sparsity in args.sparsities:
-            flags = ["prune", *model, *ROWS[row], "--sparsity", sparsity, *calibration, *evaluation]
-            saved = os.path.join(scratch, "model")
-            output = ["--output", saved, "--overwrite"] if texts else []
-            record = run_cli([*flags, "--skip-dense-eval", *output, *args.extra])
-            if texts and "error" not in record:
-                record["ood"] = ood_scores(["--model", saved], texts, args.eval_seq_len, args.ood_windows)
-            results.append({**record, "row": row, "sparsity": sparsity, "calibration": args.calibration})
-            print(f"{row} {sparsity}: {record}", file=sys.stderr, flush=True)
-    shutil.rmtree(scratch, ignore_errors=True)
+    try:  # a stopped run (SIGTERM) leaves no saved model behind either
+        for row in args.rows:
+            for sparsity in args.sparsities:
+                flags = ["prune", *model, *ROWS[row], "--sparsity", sparsity, *calibration, *evaluation]
+                saved = os.path.join(scratch, "model")
+                output = ["--output", saved, "--overwrite"] if texts else []
+                record = run_cli([*flags, "--skip-dense-eval", *output, *args.extra])
+                if texts and "error" not in record:
+                    record["ood"] = ood_scores(["--model", saved], texts, args.eval_seq_len, args.ood_windows)
+                results.append({**record, "row": row, "sparsity": sparsity, "calibration": args.calibration})
+                print(f"{row} {sparsity}: {record}", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
     ood_header = "".join(f" {name} |" for name in texts)
     print(f"| method | sparsity | ppl | prune s | peak RSS MiB | reference ppl (s) |{ood_header}")

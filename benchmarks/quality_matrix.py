@@ -14,6 +14,9 @@ can be filled over several sessions and the docs table is printed from the data,
 
 Prints a markdown table, one line per part's contribution, then one JSON line. OWL budgets are refused
 for N:M patterns (every layer is N/M sparse), so those cells are "n/a".
+
+Stopping: `kill <pid of one ppl_table.py>` stops that cell (and the prune it runs) and the run goes on
+with the next; `kill <pid of quality_matrix.py>` stops every running cell and starts no queued one.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -157,16 +161,45 @@ def shown_command(row: str, sparsity: str) -> str:
     return f"python benchmarks/ppl_table.py {' '.join(ppl_table_args(row, sparsity))}"
 
 
-def run_cell(key: str, threads: int) -> dict[str, Any]:
+class Cells:
+    """The cells' ppl_table.py processes now running, so that SIGTERM can stop them all (each stops its
+    own CLI child) and no queued cell starts after it; killing one ppl_table.py stops just that cell."""
+
+    def __init__(self) -> None:
+        self.running: set[subprocess.Popen] = set()
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+
+    def stop(self, signum: int, _frame: object) -> None:
+        self.stopping.set()
+        with self.lock:
+            for proc in self.running:
+                proc.terminate()
+        raise SystemExit(128 + signum)
+
+    def run(self, command: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) of `command`, tracked while it runs."""
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+            with self.lock:
+                self.running.add(proc)
+            try:
+                stdout, stderr = proc.communicate()
+            finally:
+                with self.lock:
+                    self.running.discard(proc)
+        return proc.returncode, stdout, stderr
+
+
+def run_cell(key: str, threads: int, cells: Cells) -> dict[str, Any]:
     """One cell through ppl_table.py (same protocol, own process), on `threads` threads."""
     row, sparsity = key.split("@")
     command = [sys.executable, os.path.join(HERE, "ppl_table.py"), *ppl_table_args(row, sparsity)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     load_before = os.getloadavg()[0]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{key}: ppl_table.py failed: {proc.stderr.strip().splitlines()[-1:]}")
-    record = json.loads(proc.stdout.strip().splitlines()[-1])["results"][0]
+    returncode, stdout, stderr = cells.run(command, env)
+    if returncode != 0:
+        raise RuntimeError(f"{key}: ppl_table.py failed (exit {returncode}): {stderr.strip().splitlines()[-1:]}")
+    record = json.loads(stdout.strip().splitlines()[-1])["results"][0]
     if "error" in record:
         raise RuntimeError(f"{key}: {record['error']}")
     shown = f"OMP_NUM_THREADS={threads} {shown_command(row, sparsity)}"
@@ -200,10 +233,14 @@ def measure(keys: list[str], workers: int, threads: int, path: str) -> None:
     """Run `keys` on `workers` parallel processes, saving each cell to the data file as it ends."""
     lock = threading.Lock()
     conditions = f"{threads} thread(s), {workers} job(s) at once on the 2 cores"
+    cells = Cells()
+    signal.signal(signal.SIGTERM, cells.stop)
 
     def one(key: str) -> None:
+        if cells.stopping.is_set():
+            return
         try:
-            cell = _stamp({**run_cell(key, threads), "conditions": conditions})
+            cell = _stamp({**run_cell(key, threads, cells), "conditions": conditions})
         except RuntimeError as err:
             print(f"{err}", file=sys.stderr, flush=True)
             return

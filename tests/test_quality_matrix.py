@@ -6,8 +6,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +114,36 @@ def test_an_unfinished_output_is_refused_and_the_data_left_alone(tmp_path):
     result = _run("--data", os.fspath(data), "--import", os.fspath(out), "--conditions", "x")
     assert result.returncode == 2 and "has no ppl_table.py JSON line" in result.stderr
     assert data.read_text() == before
+
+
+def test_sigterm_stops_every_running_cell_and_no_queued_cell_starts(matrix):
+    cells = matrix.Cells()
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(run=cells.run(["sleep", "60"], dict(os.environ))))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not cells.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(SystemExit) as stopped:
+        cells.stop(signal.SIGTERM, None)
+    worker.join(timeout=10)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert outcome["run"][0] == -signal.SIGTERM  # the cell's process was terminated, not waited out
+    assert cells.stopping.is_set() and not cells.running
+
+
+def test_stopping_ppl_table_also_stops_the_prune_it_started(saved_llama, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    script = SCRIPT.parent / "ppl_table.py"
+    args = ["--model", saved_llama, "--rows", "sparsegpt", "--sparsities", "0.5", "--no-dense"]
+    table = subprocess.Popen([sys.executable, os.fspath(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    parent = psutil.Process(table.pid)
+    deadline = time.monotonic() + 30
+    while not (children := parent.children()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert children, "ppl_table.py started no CLI process"
+    table.send_signal(signal.SIGTERM)
+    table.communicate(timeout=30)
+    assert table.returncode == 128 + signal.SIGTERM
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"the prune outlived ppl_table.py: {alive}"
