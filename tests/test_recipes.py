@@ -14,7 +14,7 @@ from optimum_sparse.recipes import RECIPES, recipe_rule
 
 def test_best_recipe_picks_the_settings_of_each_sparsity():
     half = SparsityConfig.recipe("best", 0.5)
-    assert (half.method, half.sparsity, half.reconstruction) == ("admm", 0.5, "block")
+    assert (half.method, half.sparsity, half.sparsity_profile, half.reconstruction) == ("admm", 0.5, "owl", "block")
     two_four = SparsityConfig.recipe("best", "2:4")
     assert (two_four.method, two_four.pattern, two_four.nm, two_four.reconstruction) == ("sparsellm", "2:4", (2, 4), "block")
     assert two_four.sparsity_profile is None  # a layer profile cannot apply to N:M
