@@ -182,6 +182,8 @@ class Cells:
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
             with self.lock:
                 self.running.add(proc)
+                if self.stopping.is_set():  # stop() ran between the caller's check and this start
+                    proc.terminate()
             try:
                 stdout, stderr = proc.communicate()
             finally:

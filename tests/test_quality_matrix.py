@@ -132,7 +132,7 @@ def test_sigterm_stops_every_running_cell_and_no_queued_cell_starts(matrix):
     assert cells.stopping.is_set() and not cells.running
 
 
-def test_stopping_ppl_table_also_stops_the_prune_it_started(saved_llama, tmp_path):
+def test_stopping_ppl_table_also_stops_the_prune_it_started(saved_llama):
     psutil = pytest.importorskip("psutil")
     script = SCRIPT.parent / "ppl_table.py"
     args = ["--model", saved_llama, "--rows", "sparsegpt", "--sparsities", "0.5", "--no-dense"]
@@ -145,5 +145,5 @@ def test_stopping_ppl_table_also_stops_the_prune_it_started(saved_llama, tmp_pat
     table.send_signal(signal.SIGTERM)
     table.communicate(timeout=30)
     assert table.returncode == 128 + signal.SIGTERM
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"the prune outlived ppl_table.py: {alive}"
